@@ -1,0 +1,115 @@
+"""The functional core of RMDA: one step over lists of tensors, dispatched to a backend.
+
+Every backend module lives in ``rmda_fused/backends/`` and exposes
+
+- ``unavailable_reason() -> str | None``: why it cannot run on this machine (None: it can);
+- ``handles(device: torch.device) -> bool``: whether it can take tensors on that device;
+- ``rmda_step_(params, grads, initials, duals, steps, alphas, zero_groups, views, *, lr,
+  momentum, lam, grouping, grad_scale, found_inf)``: the in-place step of SPEC.md.
+
+The lists are aligned, one entry per parameter that has a gradient. ``steps`` and ``alphas``
+are 0-d tensors on the parameter's device (fp32, fp64 for fp64 parameters); ``views`` are the
+:class:`~rmda_fused.grouping.GroupView` of each parameter (None for ``grouping='none'``),
+computed here once so that no backend re-derives the group layout.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from .grouping import check_grouping, group_view
+
+# name -> module; the order is the preference of backend="auto" among those that handle a device
+_BACKEND_MODULES = {
+    "reference": "rmda_fused.backends.reference",
+}
+_AUTO_PREFERENCE = {
+    "cpu": ("reference",),
+    "cuda": ("reference",),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str) -> tuple[ModuleType | None, str | None]:
+    try:
+        module = importlib.import_module(_BACKEND_MODULES[name])
+    except Exception as exc:  # an import failure is the reason the backend is missing
+        return None, f"import failed: {type(exc).__name__}: {exc}"
+    reason = module.unavailable_reason()
+    return (None, reason) if reason else (module, None)
+
+
+def available_backends() -> dict[str, str | None]:
+    """Every known backend mapped to None if it works here, else the reason it does not."""
+    return {name: _load(name)[1] for name in _BACKEND_MODULES}
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend name ``backend`` means for tensors on ``device``."""
+    if backend == "auto":
+        for name in _AUTO_PREFERENCE.get(device.type, ("reference",)):
+            module, _ = _load(name)
+            if module is not None and module.handles(device):
+                return name
+        return "reference"
+    if backend not in _BACKEND_MODULES:
+        raise ValueError(
+            f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(_BACKEND_MODULES)}"
+        )
+    module, reason = _load(backend)
+    if module is None:
+        raise RuntimeError(f"backend {backend!r} is not available here: {reason}")
+    if not module.handles(device):
+        raise RuntimeError(f"backend {backend!r} cannot run on {device.type} tensors")
+    return backend
+
+
+def check_backend_name(backend: object) -> str:
+    if not isinstance(backend, str) or (backend != "auto" and backend not in _BACKEND_MODULES):
+        raise ValueError(
+            f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(_BACKEND_MODULES)}"
+        )
+    return backend
+
+
+def rmda_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    initials: list[Tensor],
+    duals: list[Tensor],
+    steps: list[Tensor],
+    alphas: list[Tensor],
+    zero_groups: list[Tensor | None],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    lam: float,
+    grouping: str,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """One RMDA step (SPEC.md) for parameters that share lr, momentum, lam and grouping.
+
+    Updates ``params``, ``duals``, ``steps``, ``alphas`` and ``zero_groups`` in place.
+    ``zero_groups[i]`` (one bool per group, or None for ``grouping='none'``) receives which
+    groups of the prox point z are exactly zero.
+    """
+    if not params:
+        return
+    check_grouping(grouping)
+    lists = (grads, initials, duals, steps, alphas, zero_groups)
+    if any(len(x) != len(params) for x in lists):
+        raise ValueError("rmda_step: every tensor list must have one entry per parameter")
+    name = resolve_backend(backend, params[0].device)
+    module, _ = _load(name)
+    views = [group_view(p.shape, grouping) for p in params]
+    module.rmda_step_(
+        params, grads, initials, duals, steps, alphas, zero_groups, views,
+        lr=lr, momentum=momentum, lam=lam, grouping=grouping,
+        grad_scale=grad_scale, found_inf=found_inf,
+    )

@@ -1,0 +1,217 @@
+"""``RMDA``: the torch.optim.Optimizer around :func:`rmda_fused.functional.rmda_step`."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from . import functional
+from .grouping import check_fits, check_grouping, group_prox_, num_groups
+
+__all__ = ["RMDA", "state_dtype"]
+
+# Per-parameter state (the keys of ``optimizer.state[p]`` and of ``state_dict()["state"]``):
+#   initial      W0, the parameter at the first step or the last restart (parameter dtype)
+#   dual         V, the weighted sum of gradients since then (fp32; fp64 for fp64 params)
+#   step         t, steps since the last restart (0-d tensor on the parameter's device)
+#   alpha        A, sum of the step sizes lr*sqrt(t) since then (0-d tensor, like step)
+#   zero_groups  one bool per group: is that group of the prox point z exactly zero after the
+#                last step (absent for grouping="none")
+STATE_KEYS = ("initial", "dual", "step", "alpha", "zero_groups")
+
+
+def state_dtype(param: Tensor) -> torch.dtype:
+    """The dtype RMDA keeps V, t and A in for ``param`` (SPEC.md, "Numerics")."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+class RMDA(torch.optim.Optimizer):
+    r"""Regularized Modernized Dual Averaging (Huang & Lee, ICLR 2022, Algorithm 1).
+
+    Args:
+        params: parameters or param groups (dicts may set lr, momentum, lam, grouping).
+        lr: the base step size; step t uses ``s_t = lr * sqrt(t)``.
+        momentum: **c**, the weight of the new prox point in ``W <- (1-c) W + c z``,
+            0 < c <= 1 (the authors use 0.1). Not SGD's 0.9.
+        lam: regularization strength (group LASSO / L1), >= 0.
+        grouping: ``"input_channel"``, ``"output_channel"``, ``"elementwise"`` (L1) or
+            ``"none"``; see :mod:`rmda_fused.grouping`.
+        backend: ``"auto"`` or a name from :func:`rmda_fused.available_backends`.
+
+    The per-parameter state keys are ``initial``, ``dual``, ``step``, ``alpha`` and
+    ``zero_groups`` (see ``STATE_KEYS`` in this module). ``restart()`` resets the dual
+    averaging at W; ``apply_prox_point()`` sets every parameter to its exactly structured
+    prox point z.
+    """
+
+    _step_supports_amp_scaling = True  # GradScaler hands grad_scale/found_inf to step()
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 0.1,
+        momentum: float = 0.1,
+        lam: float = 0.0,
+        grouping: str = "input_channel",
+        backend: str = "auto",
+        **unsupported: Any,
+    ) -> None:
+        self._reject_unsupported(unsupported)
+        functional.check_backend_name(backend)
+        defaults = dict(lr=lr, momentum=momentum, lam=lam, grouping=grouping, backend=backend)
+        self._check_hyperparameters(defaults, where="RMDA")
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _reject_unsupported(kwargs: dict[str, Any]) -> None:
+        if "weight_decay" in kwargs:
+            raise ValueError(
+                "RMDA has no weight_decay: the regularizer lam replaces it (SPEC.md); "
+                f"got weight_decay={kwargs['weight_decay']!r}"
+            )
+        if kwargs:
+            raise TypeError(f"RMDA got unexpected keyword arguments {sorted(kwargs)}")
+
+    @staticmethod
+    def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
+        lr, momentum, lam = group["lr"], group["momentum"], group["lam"]
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise ValueError(f"{where}: a tensor lr must have one element, got shape {tuple(lr.shape)}")
+        elif not _is_number(lr) or not lr >= 0.0:
+            raise ValueError(f"{where}: invalid learning rate lr={lr!r} (must be a number >= 0)")
+        if not _is_number(momentum) or not 0.0 < momentum <= 1.0:
+            raise ValueError(
+                f"{where}: invalid momentum={momentum!r}: RMDA's momentum is c, the weight of "
+                "the new point, and must satisfy 0 < c <= 1 (the paper uses 0.1, not SGD's 0.9)"
+            )
+        if not _is_number(lam) or not lam >= 0.0:
+            raise ValueError(f"{where}: invalid lam={lam!r} (must be a number >= 0)")
+        check_grouping(group["grouping"])
+        functional.check_backend_name(group["backend"])
+        if "weight_decay" in group:
+            RMDA._reject_unsupported({"weight_decay": group["weight_decay"]})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        index = len(self.param_groups) - 1
+        self._check_hyperparameters(group, where=f"param group {index}")
+        for i, p in enumerate(group["params"]):
+            name = f"param group {index}, parameter {i}"
+            if p.is_complex():
+                raise TypeError(f"RMDA does not support complex parameters ({name}, shape {tuple(p.shape)})")
+            if not p.is_floating_point():
+                raise TypeError(f"RMDA needs floating-point parameters ({name} is {p.dtype})")
+            check_fits(p.shape, group["grouping"], name)
+
+    # -- state -----------------------------------------------------------------------------
+
+    def _init_state(self, p: Tensor, grouping: str) -> dict[str, Tensor]:
+        state = self.state[p]
+        if not state:
+            acc = state_dtype(p)
+            state["initial"] = p.detach().clone()
+            state["dual"] = torch.zeros_like(p, dtype=acc)
+            state["step"] = torch.zeros((), dtype=acc, device=p.device)
+            state["alpha"] = torch.zeros((), dtype=acc, device=p.device)
+        groups = num_groups(p.shape, grouping)
+        if grouping == "none":
+            state.pop("zero_groups", None)
+        elif "zero_groups" not in state or state["zero_groups"].numel() != groups:
+            state["zero_groups"] = torch.zeros(groups, dtype=torch.bool, device=p.device)
+        return state
+
+    def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
+        lists: tuple[list[Tensor], ...] = tuple([] for _ in range(7))
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            g = p.grad
+            if g.is_sparse:
+                raise TypeError(f"RMDA does not support sparse gradients (parameter {i} of shape {tuple(p.shape)})")
+            if g.is_complex():
+                raise TypeError(f"RMDA does not support complex gradients (parameter {i} of shape {tuple(p.shape)})")
+            state = self._init_state(p, group["grouping"])
+            for out, t in zip(lists, (p, g, state["initial"], state["dual"], state["step"],
+                                      state["alpha"], state.get("zero_groups"))):
+                out.append(t)
+        return lists
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for index, group in enumerate(self.param_groups):
+            self._check_hyperparameters(group, where=f"param group {index}")
+            params, grads, initials, duals, steps, alphas, masks = self._gather(group)
+            functional.rmda_step(
+                params, grads, initials, duals, steps, alphas, masks,
+                lr=group["lr"], momentum=group["momentum"], lam=group["lam"],
+                grouping=group["grouping"], grad_scale=grad_scale, found_inf=found_inf,
+                backend=group["backend"],
+            )
+        return loss
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Restart dual averaging at the current point: W0 <- W, V <- 0, t <- 0, A <- 0."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self._init_state(p, group["grouping"])
+                state["initial"].copy_(p)
+                for key in ("dual", "step", "alpha"):
+                    state[key].zero_()
+
+    @torch.no_grad()
+    def prox_point(self, p: Tensor) -> Tensor:
+        """z = prox(W0 - V/beta, lam*A/beta) for one parameter, rebuilt from its state.
+
+        A parameter that has taken no step since the last restart has no z; its W is returned.
+        """
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        state = self.state.get(p)
+        if not state or float(state["step"]) == 0.0:
+            return p.detach().clone()
+        beta = state["step"].sqrt()
+        z = state["initial"].to(state["dual"].dtype) - state["dual"] / beta
+        if group["grouping"] != "none":
+            group_prox_(z, group["lam"] * state["alpha"] / beta, group["grouping"])
+        return z.to(p.dtype)
+
+    @torch.no_grad()
+    def apply_prox_point(self) -> None:
+        """Set every parameter to its prox point z: groups the prox zeroed become exactly 0."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.copy_(self.prox_point(p))
+
+    # -- state_dict ------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch casts floating state to the parameter's dtype; RMDA keeps V, t, A in
+        # state_dtype and the zero mask as bool, so put the saved values back exactly.
+        saved = state_dict["state"]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params):
+            if pid not in saved:
+                continue
+            for key, value in saved[pid].items():
+                if key == "initial":
+                    dtype = p.dtype
+                elif key == "zero_groups":
+                    dtype = torch.bool
+                else:
+                    dtype = state_dtype(p)
+                self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)

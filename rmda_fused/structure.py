@@ -1,0 +1,173 @@
+"""What users watch: group sparsity of W and of the prox point z, and structure identification.
+
+RMDA's theorem is about z (the paper's W-tilde): its zero pattern stops changing after
+finitely many steps. Every step records z's zero groups in ``optimizer.state[p]["zero_groups"]``
+on the device; the functions here only read those masks (no extra pass over the weights) and
+touch the host only when a report is asked for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .grouping import group_view, zero_groups
+
+
+@dataclass(frozen=True)
+class TensorSparsity:
+    name: str
+    shape: tuple[int, ...]
+    grouping: str
+    groups: int
+    zero_groups: int
+    group_size: int
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of this tensor's groups that are exactly zero."""
+        return self.zero_groups / self.groups if self.groups else 0.0
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    of: str  # "z" or "W"
+    tensors: list[TensorSparsity] = field(default_factory=list)
+
+    @property
+    def groups(self) -> int:
+        return sum(t.groups for t in self.tensors)
+
+    @property
+    def zero_groups(self) -> int:
+        return sum(t.zero_groups for t in self.tensors)
+
+    @property
+    def fraction(self) -> float:
+        """Model-wide fraction of groups that are exactly zero (each group counts once)."""
+        return self.zero_groups / self.groups if self.groups else 0.0
+
+    @property
+    def weighted_fraction(self) -> float:
+        """Model-wide fraction of regularized entries that lie in a zero group."""
+        total = sum(t.groups * t.group_size for t in self.tensors)
+        zero = sum(t.zero_groups * t.group_size for t in self.tensors)
+        return zero / total if total else 0.0
+
+    def __str__(self) -> str:
+        lines = [f"group sparsity of {self.of}: {self.zero_groups}/{self.groups} groups "
+                 f"({self.fraction:.1%}), {self.weighted_fraction:.1%} of entries"]
+        lines += [f"  {t.name:<40} {str(t.shape):<20} {t.zero_groups:>6}/{t.groups:<6} "
+                  f"{t.fraction:6.1%}" for t in self.tensors]
+        return "\n".join(lines)
+
+
+def _regularized(optimizer: torch.optim.Optimizer) -> Iterator[tuple[Tensor, str]]:
+    for group in optimizer.param_groups:
+        if group.get("grouping", "none") == "none":
+            continue
+        for p in group["params"]:
+            yield p, group["grouping"]
+
+
+def _zero_masks(optimizer: torch.optim.Optimizer, of: str) -> list[Tensor]:
+    """One bool mask per regularized parameter: z's from the state, or W's computed now."""
+    if of not in ("z", "W"):
+        raise ValueError(f"of must be 'z' or 'W', got {of!r}")
+    masks = []
+    for p, grouping in _regularized(optimizer):
+        state = optimizer.state.get(p, {})
+        if of == "z" and "zero_groups" in state:
+            masks.append(state["zero_groups"])
+        elif of == "z":  # no step yet: z is undefined, report no zero group
+            masks.append(torch.zeros(group_view(p.shape, grouping).groups, dtype=torch.bool, device=p.device))
+        else:
+            masks.append(zero_groups(p, grouping))
+    return masks
+
+
+def group_sparsity(
+    optimizer: torch.optim.Optimizer, of: str = "z", model: nn.Module | None = None
+) -> SparsityReport:
+    """Per-tensor and model-wide group sparsity of z (default) or of W.
+
+    ``model`` only names the tensors in the report. One host sync for the whole report.
+    """
+    names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+    params = list(_regularized(optimizer))
+    masks = _zero_masks(optimizer, of)
+    counts = (torch.stack([m.sum() for m in masks]).tolist() if masks else [])
+    tensors = []
+    for i, ((p, grouping), count) in enumerate(zip(params, counts)):
+        view = group_view(p.shape, grouping)
+        tensors.append(TensorSparsity(
+            name=names.get(id(p), f"param {i}"), shape=tuple(p.shape), grouping=grouping,
+            groups=view.groups, zero_groups=int(count), group_size=view.group_size,
+        ))
+    return SparsityReport(of=of, tensors=tensors)
+
+
+class IdentificationTracker:
+    """Tracks when the zero pattern of z last changed.
+
+    Call :meth:`update` after ``optimizer.step()`` (per step) or at the end of each epoch,
+    with that step's or epoch's index. The comparison stays on the device; :attr:`last_change`
+    and :attr:`flips` sync with the host when read. The pattern before the first update is
+    "no group zero" (a dense start), so the first zero group counts as a change.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self._previous: Tensor | None = None
+        self._last_change: Tensor | None = None
+        self._flips: list[Tensor] = []
+        self.indices: list[int] = []
+
+    def _pattern(self) -> Tensor | None:
+        masks = _zero_masks(self.optimizer, "z")
+        if not masks:
+            return None
+        device = masks[0].device
+        return torch.cat([m.to(device) for m in masks])
+
+    def update(self, index: int) -> None:
+        pattern = self._pattern()
+        if pattern is None:
+            return
+        previous = self._previous
+        if previous is None or previous.shape != pattern.shape:
+            previous = torch.zeros_like(pattern)
+        flips = (pattern != previous).sum()
+        here = torch.tensor(index, device=pattern.device)
+        if self._last_change is None:
+            self._last_change = torch.full((), -1, device=pattern.device, dtype=here.dtype)
+        self._last_change = torch.where(flips > 0, here, self._last_change)
+        self._previous = pattern.clone()
+        self._flips.append(flips)
+        self.indices.append(index)
+
+    @property
+    def last_change(self) -> int | None:
+        """Index of the last update at which z's zero pattern changed (None: never)."""
+        if self._last_change is None:
+            return None
+        value = int(self._last_change)
+        return None if value < 0 else value
+
+    @property
+    def flips(self) -> list[int]:
+        """Number of groups whose zero/non-zero status changed, per update."""
+        return torch.stack(self._flips).tolist() if self._flips else []
+
+    def state_dict(self) -> dict:
+        return {"previous": self._previous, "last_change": self._last_change,
+                "flips": self.flips, "indices": list(self.indices)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._previous = state["previous"]
+        self._last_change = state["last_change"]
+        device = self._previous.device if self._previous is not None else "cpu"
+        self._flips = [torch.tensor(f, device=device) for f in state["flips"]]
+        self.indices = list(state["indices"])
