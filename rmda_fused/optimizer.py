@@ -92,8 +92,11 @@ class RMDA(torch.optim.Optimizer):
             )
         if not _is_number(lam) or not lam >= 0.0:
             raise ValueError(f"{where}: invalid lam={lam!r} (must be a number >= 0)")
-        check_grouping(group["grouping"])
-        functional.check_backend_name(group["backend"])
+        try:
+            check_grouping(group["grouping"])
+            functional.check_backend_name(group["backend"])
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
         if "weight_decay" in group:
             RMDA._reject_unsupported({"weight_decay": group["weight_decay"]})
 
@@ -102,6 +105,9 @@ class RMDA(torch.optim.Optimizer):
         group = self.param_groups[-1]
         index = len(self.param_groups) - 1
         self._check_hyperparameters(group, where=f"param group {index}")
+        if isinstance(group["lr"], Tensor) and not float(group["lr"]) >= 0.0:
+            # checked once here, not per step: reading a device lr would sync
+            raise ValueError(f"param group {index}: invalid learning rate lr={group['lr']!r} (must be >= 0)")
         for i, p in enumerate(group["params"]):
             name = f"param group {index}, parameter {i}"
             if p.is_complex():
@@ -202,7 +208,11 @@ class RMDA(torch.optim.Optimizer):
         # state_dtype and the zero mask as bool, so put the saved values back exactly.
         saved = state_dict["state"]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        # the backend is a property of this machine, not of the run: keep the live choice
+        backends = [g["backend"] for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, backend in zip(self.param_groups, backends):
+            group["backend"] = backend
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(ids, params):
             if pid not in saved:

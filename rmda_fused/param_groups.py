@@ -13,10 +13,12 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Two param groups for :class:`rmda_fused.RMDA`.
 
-    Weights of convolutions and linear layers (``nn.modules.conv._ConvNd``, ``nn.Linear``)
-    get ``lam`` and ``grouping``; every other parameter (biases, normalisation, embeddings)
+    Weights of convolutions and linear layers (``nn.Conv1d/2d/3d``, ``nn.Linear``) get
+    ``lam`` and ``grouping``; every other parameter (biases, normalisation, embeddings)
     gets ``lam=0`` and ``grouping="none"`` but still takes the dual-averaging update.
-    ``group_options`` (e.g. ``lr``) are set on both groups. Shared parameters appear once.
+    Transposed convolutions go to the second group: their weight layout (I, O/groups, k...)
+    does not match the groupings. ``group_options`` (e.g. ``lr``) are set on both groups.
+    Shared parameters appear once; frozen ones (``requires_grad=False``) are left out.
     """
     check_grouping(grouping)
     regularized, plain, seen = [], [], set()
@@ -25,8 +27,11 @@ def param_groups(
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
-            is_weight = name == "weight" and isinstance(
-                module, (nn.modules.conv._ConvNd, nn.Linear)
+            # a transposed conv's weight is (I, O/groups, k...): its dim 1 is not an input
+            # channel, so it is left unregularized rather than grouped wrongly
+            is_weight = name == "weight" and (
+                isinstance(module, nn.Linear)
+                or (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed)
             )
             (regularized if is_weight else plain).append(p)
     groups = []

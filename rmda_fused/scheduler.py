@@ -19,6 +19,7 @@ class MultiStepRestart(MultiStepLR):
     - ``"iclr"`` (the authors' ICLR'22 code): at each milestone c <- min(c / gamma, 1).
     - ``"sqrt"`` (their follow-up code): after the last milestone, the k-th optimizer step
       uses c = min(c0 * sqrt(k), 1), c0 being the group's momentum when the scheduler was made.
+      k counts ``optimizer.step()`` calls, including ones a GradScaler turned into no-ops.
     """
 
     def __init__(

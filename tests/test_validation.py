@@ -1,0 +1,197 @@
+"""Every invalid input is rejected with an error that names the offending value or parameter."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import rmda_fused
+from rmda_fused import functional
+
+
+def weight(*shape, dtype=torch.float32):
+    return torch.nn.Parameter(torch.randn(*shape, dtype=dtype))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lr=-0.1), "lr=-0.1"),
+    (dict(lr=float("nan")), "lr=nan"),
+    (dict(lr="0.1"), "lr='0.1'"),
+    (dict(lam=-0.5), "lam=-0.5"),
+    (dict(momentum=0), "momentum=0"),
+    (dict(momentum=0.0), "momentum=0.0"),
+    (dict(momentum=1.5), "momentum=1.5"),
+    (dict(momentum=-0.1), "momentum=-0.1"),
+    (dict(momentum=0.9 + 1), "momentum=1.9"),
+    (dict(grouping="rows"), "grouping 'rows'"),
+    (dict(grouping=None), "grouping None"),
+    (dict(weight_decay=1e-4), "weight_decay=0.0001"),
+    (dict(weight_decay=0.0), "weight_decay=0.0"),
+    (dict(backend="nope"), "backend 'nope'"),
+    (dict(lr=torch.ones(2)), r"shape \(2,\)"),
+])
+def test_constructor_rejects(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        rmda_fused.RMDA([weight(6, 4, 3, 3)], **kwargs)
+
+
+def test_unknown_keyword_is_a_type_error_naming_it():
+    with pytest.raises(TypeError, match="nesterov"):
+        rmda_fused.RMDA([weight(4, 3)], nesterov=True)
+
+
+@pytest.mark.parametrize("momentum", [1, 1.0, 0.5, 1e-6])
+def test_valid_momentum_accepted(momentum):
+    p = weight(4, 3)
+    opt = rmda_fused.RMDA([p], momentum=momentum, lr=0.0, lam=0.0)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.param_groups[0]["momentum"] == momentum
+
+
+def test_lr_zero_and_lam_zero_accepted():
+    rmda_fused.RMDA([weight(4, 3)], lr=0.0, lam=0.0)
+    rmda_fused.RMDA([weight(4, 3)], lr=torch.tensor(0.1))
+
+
+@pytest.mark.parametrize("grouping", ["input_channel", "output_channel"])
+@pytest.mark.parametrize("shape", [(6,), ()])
+def test_channel_grouping_needs_two_dims(grouping, shape):
+    with pytest.raises(ValueError, match=re.escape(str(tuple(shape)))):
+        rmda_fused.RMDA([torch.nn.Parameter(torch.randn(shape))], grouping=grouping)
+    # the same tensor is fine unregularized or elementwise
+    rmda_fused.RMDA([torch.nn.Parameter(torch.randn(shape))], grouping="none")
+    rmda_fused.RMDA([torch.nn.Parameter(torch.randn(shape))], grouping="elementwise")
+
+
+def test_channel_grouping_error_names_the_parameter():
+    with pytest.raises(ValueError, match=r"param group 1, parameter 1 has shape \(6,\)"):
+        rmda_fused.RMDA([dict(params=[weight(4, 3)]), dict(params=[weight(4, 3), weight(6)])])
+
+
+def test_sparse_gradient_is_a_type_error():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = rmda_fused.RMDA(emb.parameters(), lr=0.1, lam=0.1)
+    emb(torch.tensor([1, 2, 2])).sum().backward()
+    assert emb.weight.grad.is_sparse
+    with pytest.raises(TypeError, match=r"sparse.*\(10, 3\)"):
+        opt.step()
+
+
+def test_complex_parameter_is_a_type_error():
+    with pytest.raises(TypeError, match=r"complex.*\(4, 3\)"):
+        rmda_fused.RMDA([weight(4, 3, dtype=torch.complex64)])
+
+
+def test_complex_gradient_is_a_type_error():
+    # a complex param with a complex grad slipped in after construction still cannot step
+    opt = rmda_fused.RMDA([weight(4, 3)])
+    c = weight(4, 3, dtype=torch.complex64)
+    c.grad = torch.randn_like(c)
+    opt.param_groups[0]["params"].append(c)
+    with pytest.raises(TypeError, match=r"complex.*\(4, 3\)"):
+        opt.step()
+
+
+def test_integer_parameter_is_a_type_error():
+    with pytest.raises(TypeError, match="torch.int64"):
+        rmda_fused.RMDA([torch.zeros(4, 3, dtype=torch.int64)])
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="'nope'"):
+        rmda_fused.RMDA([weight(4, 3)], backend="nope")
+    with pytest.raises(ValueError, match="'nope'"):
+        functional.resolve_backend("nope", torch.device("cpu"))
+
+
+def test_available_backends_reports_reasons():
+    backends = rmda_fused.available_backends()
+    assert backends.get("reference", "missing") is None  # the pure-torch backend works everywhere
+    for name, reason in backends.items():
+        assert reason is None or (isinstance(reason, str) and reason), (name, reason)
+
+
+def test_unavailable_backend_raises_runtime_error_with_reason():
+    unavailable = {n: r for n, r in rmda_fused.available_backends().items() if r is not None}
+    if not unavailable:
+        pytest.skip(f"every known backend is available here: {list(rmda_fused.available_backends())}")
+    name, reason = next(iter(unavailable.items()))
+    p = weight(4, 3)
+    with pytest.raises(RuntimeError, match=re.escape(reason)):
+        opt = rmda_fused.RMDA([p], backend=name)
+        p.grad = torch.randn_like(p)
+        opt.step()
+
+
+def test_broken_backend_module_reports_its_import_failure(monkeypatch):
+    """The mechanism behind the previous test, on a backend that cannot import anywhere."""
+    modules = getattr(functional, "_BACKEND_MODULES", None)
+    load = getattr(functional, "_load", None)
+    if not isinstance(modules, dict) or not hasattr(load, "cache_clear"):
+        pytest.skip("functional no longer keeps a _BACKEND_MODULES table / cached _load")
+    monkeypatch.setitem(modules, "broken", "rmda_fused.backends._no_such_backend_module")
+    load.cache_clear()
+    try:
+        reason = rmda_fused.available_backends()["broken"]
+        assert reason and "_no_such_backend_module" in reason
+        p = weight(4, 3)
+        with pytest.raises(RuntimeError, match=r"'broken'.*" + re.escape(reason)):
+            opt = rmda_fused.RMDA([p], backend="broken")
+            p.grad = torch.randn_like(p)
+            opt.step()
+    finally:
+        monkeypatch.undo()
+        load.cache_clear()
+
+
+@pytest.mark.parametrize("group, error, match", [
+    (dict(lr=-1.0), ValueError, r"param group 1.*lr=-1.0"),
+    (dict(momentum=0.0), ValueError, r"param group 1.*momentum=0.0"),
+    (dict(momentum=2.0), ValueError, r"param group 1.*momentum=2.0"),
+    (dict(lam=-0.1), ValueError, r"param group 1.*lam=-0.1"),
+    (dict(grouping="filters"), ValueError, "'filters'"),
+    (dict(backend="nope"), ValueError, "'nope'"),
+    (dict(weight_decay=5e-4), ValueError, "weight_decay=0.0005"),
+])
+def test_add_param_group_rejects(group, error, match):
+    opt = rmda_fused.RMDA([weight(4, 3)])
+    with pytest.raises(error, match=match):
+        opt.add_param_group(dict(params=[weight(5, 3)], **group))
+
+
+@pytest.mark.parametrize("param, grouping, error, match", [
+    (lambda: weight(6), "input_channel", ValueError, r"param group 1, parameter 0 has shape \(6,\)"),
+    (lambda: weight(6), "output_channel", ValueError, r"\(6,\)"),
+    (lambda: weight(4, 3, dtype=torch.complex64), "input_channel", TypeError, r"complex.*param group 1"),
+    (lambda: torch.zeros(4, 3, dtype=torch.int32), "input_channel", TypeError, "torch.int32"),
+])
+def test_add_param_group_rejects_params(param, grouping, error, match):
+    opt = rmda_fused.RMDA([weight(4, 3)])
+    with pytest.raises(error, match=match):
+        opt.add_param_group(dict(params=[param()], grouping=grouping))
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("lr", -0.5, "lr=-0.5"),
+    ("momentum", 0.9 + 0.2, "momentum=1.1"),
+    ("lam", -1.0, "lam=-1.0"),
+    ("grouping", "rows", "'rows'"),
+])
+def test_invalid_values_set_after_construction_fail_at_step(key, value, match):
+    p = weight(4, 3)
+    opt = rmda_fused.RMDA([p])
+    opt.param_groups[0][key] = value
+    p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match=r"param group 0.*" + match if key != "grouping" else match):
+        opt.step()
+    assert p not in opt.state or float(opt.state[p]["step"]) == 0
+
+
+def test_functional_rejects_misaligned_lists():
+    p = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="one entry per parameter"):
+        functional.rmda_step([p], [], [p.clone()], [torch.zeros(4, 3)], [torch.zeros(())],
+                             [torch.zeros(())], [torch.zeros(3, dtype=torch.bool)],
+                             lr=0.1, momentum=0.1, lam=0.1, grouping="input_channel")
