@@ -26,10 +26,12 @@ from .grouping import check_grouping, group_view
 # name -> module; the order is the preference of backend="auto" among those that handle a device
 _BACKEND_MODULES = {
     "reference": "rmda_fused.backends.reference",
+    "triton": "rmda_fused.backends.triton",
 }
+# Triton is never listed for CPU: it takes CPU tensors only in its (slow) interpreter
 _AUTO_PREFERENCE = {
     "cpu": ("reference",),
-    "cuda": ("reference",),
+    "cuda": ("triton", "reference"),
 }
 
 

@@ -1,0 +1,25 @@
+"""Triton kernels of rmda-fused (installed as ``rmda_fused.kernels``).
+
+One kernel family per module, each with its Python wrapper beside it:
+
+- :mod:`.rmda_scalars`: per-tensor t, A and the step's scalars (launched first);
+- :mod:`.rmda_elementwise`: grouping ``none`` and ``elementwise`` (L1);
+- :mod:`.rmda_grouped`: ``input_channel`` / ``output_channel`` group LASSO.
+
+All wrappers take lists of tensors (one dtype bucket) and launch once per bucket.
+"""
+from .rmda_elementwise import rmda_elementwise_step_
+from .rmda_grouped import rmda_grouped_step_
+from .rmda_scalars import rmda_scalars_
+
+__all__ = ["rmda_elementwise_step_", "rmda_grouped_step_", "rmda_scalars_"]
+
+
+def interpreted() -> bool:
+    """Whether these kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 when
+    triton decorated them): then they take CPU tensors only, else CUDA tensors only."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .rmda_grouped import _rmda_grouped_kernel
+
+    return isinstance(_rmda_grouped_kernel, InterpretedFunction)
