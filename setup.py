@@ -1,5 +1,45 @@
-"""Build and install rmda-fused."""
+"""Build and install rmda-fused.
+
+The C++ (and, where CUDA is present, CUDA) kernels are built as ``rmda_fused._C``; the
+recipe lives in rmda_fused/_extension.py, shared with the run-time JIT build. torch must be
+importable while building: ``pip install --no-build-isolation -e .``.
+"""
+import importlib.util
+import sys
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+def _extension_recipe():
+    # loaded by path: importing the rmda_fused package here would need its dependencies
+    path = Path(__file__).resolve().parent / "rmda_fused" / "_extension.py"
+    spec = importlib.util.spec_from_file_location("_rmda_fused_extension_recipe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ext_modules():
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print(
+            "rmda_fused: torch is not importable in this build environment, so the C++ kernels "
+            "are not built now; they compile on first use instead. To build them ahead of time "
+            "install with `pip install --no-build-isolation -e .`",
+            file=sys.stderr,
+        )
+        return [], {}
+    recipe = _extension_recipe()
+    with_cuda = recipe.want_cuda()
+    kind = CUDAExtension if with_cuda else CppExtension
+    spec = recipe.build_spec(with_cuda)
+    extension = kind(recipe.EXTENSION_NAME, **spec)
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _ext_modules()
 
 setup(
     name="rmda-fused",
@@ -16,4 +56,6 @@ setup(
         "test": ["pytest", "pytest-benchmark", "matplotlib", "torchvision"],
         "bench": ["pytest-benchmark", "matplotlib", "torchvision"],
     },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

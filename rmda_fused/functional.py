@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import warnings
 from types import ModuleType
 
 import torch
@@ -26,12 +27,14 @@ from .grouping import check_grouping, group_view
 # name -> module; the order is the preference of backend="auto" among those that handle a device
 _BACKEND_MODULES = {
     "reference": "rmda_fused.backends.reference",
+    "cpu": "rmda_fused.backends.cpu",
+    "cuda": "rmda_fused.backends.cuda",
     "triton": "rmda_fused.backends.triton",
 }
 # Triton is never listed for CPU: it takes CPU tensors only in its (slow) interpreter
 _AUTO_PREFERENCE = {
-    "cpu": ("reference",),
-    "cuda": ("triton", "reference"),
+    "cpu": ("cpu", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
 }
 
 
@@ -53,11 +56,7 @@ def available_backends() -> dict[str, str | None]:
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend name ``backend`` means for tensors on ``device``."""
     if backend == "auto":
-        for name in _AUTO_PREFERENCE.get(device.type, ("reference",)):
-            module, _ = _load(name)
-            if module is not None and module.handles(device):
-                return name
-        return "reference"
+        return _resolve_auto(device.type)
     if backend not in _BACKEND_MODULES:
         raise ValueError(
             f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(_BACKEND_MODULES)}"
@@ -68,6 +67,22 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if not module.handles(device):
         raise RuntimeError(f"backend {backend!r} cannot run on {device.type} tensors")
     return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve_auto(device_type: str) -> str:
+    skipped = []
+    for name in _AUTO_PREFERENCE.get(device_type, ("reference",)):
+        module, reason = _load(name)
+        if module is not None and module.handles(torch.device(device_type)):
+            break
+        skipped.append(f"{name}: {reason or f'does not take {device_type} tensors'}")
+    if skipped:  # a faster backend is missing: say why, once, rather than slow down silently
+        warnings.warn(
+            f"rmda_fused: backend='auto' uses {name!r} for {device_type} tensors because "
+            + "; ".join(skipped), RuntimeWarning, stacklevel=3,
+        )
+    return name
 
 
 def check_backend_name(backend: object) -> str:

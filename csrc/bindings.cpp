@@ -1,0 +1,27 @@
+// The rmda_fused operator library: the schema of the fused RMDA step and the Python module
+// object `rmda_fused._C` that loading it needs. The CPU and CUDA kernels register themselves
+// for this schema in rmda_cpu.cpp and rmda_cuda.cu.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import rmda_fused._C` only has to load this library so that the TORCH_LIBRARY blocks run;
+// the ops are then reached through torch.ops.rmda_fused.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(rmda_fused, m) {
+  // One RMDA step (SPEC.md) over aligned lists of tensors that share lr, momentum and lam.
+  // views: (outer, groups, inner) per tensor, flattened; empty for grouping 'none', and then
+  // zero_groups is empty too. lr_tensor, if given, overrides lr (a device scalar lets a CUDA
+  // step run without host syncs and under graph capture). grad_scale divides the gradients;
+  // a nonzero found_inf makes the step change nothing, not even steps.
+  m.def(
+      "rmda_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] initials, "
+      "Tensor(b!)[] duals, Tensor(c!)[] steps, Tensor(d!)[] alphas, "
+      "Tensor(e!)[] zero_groups, int[] views, float lr, float momentum, float lam, "
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+}

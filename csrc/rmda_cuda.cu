@@ -1,0 +1,284 @@
+// CUDA kernel of rmda_fused::rmda_step_ (SPEC.md): one fused, multi-tensor RMDA step.
+//
+// Tensors are bucketed by (dtype, mode); each bucket is cut into tables of up to kMaxTensors
+// tensors that travel as a kernel parameter (no device buffer to upload, nothing to keep
+// alive for CUDA-graph replays). Per table: one tiny launch advances every tensor's t and A,
+// then one launch does the elements. So a step costs 2 launches per ~kMaxTensors tensors of
+// a dtype, whatever their sizes. lr (optionally), grad_scale and found_inf are read on the
+// device: no host synchronisation, graph capturable (with lr as a device tensor, lr changes
+// between replays are seen).
+//
+// Modes: kPlain (grouping 'none') and kSingle (groups of one entry: L1) split tensors into
+// chunks of kChunk elements, one block each. kGroups gives one block per group: pass 1
+// updates V and block-reduces sum(z^2) in the state dtype; pass 2 re-reads V and W0 (the
+// group was just touched, so mostly L2 hits) and writes W. Each thread re-reads in pass 2
+// exactly the entries it wrote in pass 1, so no fence is needed between the passes.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <climits>
+#include <map>
+#include <utility>
+#include <vector>
+
+#include "rmda_common.h"
+
+namespace rmda_fused {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kChunk = kThreads * 16;
+// Kernel parameters may be 32 KiB since CUDA 12.1 (4 KiB before).
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+constexpr int kMaxTensors = 128;
+#else
+constexpr int kMaxTensors = 36;
+#endif
+
+enum Mode : int { kPlain = 0, kSingle = 1, kGroups = 2 };
+enum ScalarKind : int { kNone = 0, kF32 = 1, kF64 = 2 };
+
+struct TensorTable {
+  void* w[kMaxTensors];
+  const void* g[kMaxTensors];
+  const void* w0[kMaxTensors];
+  void* v[kMaxTensors];
+  bool* mask[kMaxTensors];
+  void* step[kMaxTensors];
+  void* alpha[kMaxTensors];
+  int64_t outer[kMaxTensors];
+  int64_t groups[kMaxTensors];
+  int64_t inner[kMaxTensors];
+  // block b of the element launch works on tensor i with first_block[i] <= b < first_block[i+1]
+  int64_t first_block[kMaxTensors + 1];
+  int n;
+};
+
+struct StepArgs {
+  const void* lr_ptr;
+  const void* grad_scale;
+  const void* found_inf;
+  double lr;
+  double momentum;
+  double lam;
+  int lr_kind, grad_scale_kind, found_inf_kind;
+};
+
+__device__ __forceinline__ double read_scalar(const void* p, int kind) {
+  return kind == kF64 ? *static_cast<const double*>(p) : double(*static_cast<const float*>(p));
+}
+
+__device__ __forceinline__ bool skip_step(const StepArgs& a) {
+  return a.found_inf_kind != kNone && read_scalar(a.found_inf, a.found_inf_kind) != 0.0;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t step_lr(const StepArgs& a) {
+  return a.lr_kind != kNone ? acc_t(read_scalar(a.lr_ptr, a.lr_kind)) : acc_t(a.lr);
+}
+
+// t <- t + 1, A <- A + lr*sqrt(t): one thread per tensor, before the element launch reads them.
+template <typename acc_t>
+__global__ void advance_scalars_kernel(TensorTable table, StepArgs args) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= table.n || skip_step(args)) return;
+  acc_t* t = static_cast<acc_t*>(table.step[i]);
+  acc_t* a = static_cast<acc_t*>(table.alpha[i]);
+  const acc_t nt = *t + acc_t(1);
+  *t = nt;
+  *a = *a + ::sqrt(nt) * step_lr<acc_t>(args);
+}
+
+// Sum over the block, returned to every thread. Called once per block.
+template <typename T>
+__device__ T block_sum(T x) {
+  __shared__ T partial[kThreads / 32];
+  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) partial[warp] = x;
+  __syncthreads();
+  x = lane < kThreads / 32 ? partial[lane] : T(0);
+  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+template <typename scalar_t, typename acc_t>
+struct ElementStep {
+  scalar_t* w;
+  const scalar_t* g;
+  const scalar_t* w0;
+  acc_t* v;
+  acc_t beta, grad_weight, thr, c, one_minus_c;
+
+  // pass 1: V <- V + s*g, returns z = W0 - V/beta
+  __device__ __forceinline__ acc_t dual_and_z(int64_t i) const {
+    const acc_t nv = v[i] + grad_weight * static_cast<acc_t>(g[i]);
+    v[i] = nv;
+    return static_cast<acc_t>(w0[i]) - nv / beta;
+  }
+  __device__ __forceinline__ void write_weight(int64_t i, acc_t z, acc_t z_weight) const {
+    w[i] = static_cast<scalar_t>(static_cast<acc_t>(w[i]) * one_minus_c + z_weight * z);
+  }
+  // pass 2 of a group: z from the V stored in pass 1
+  __device__ __forceinline__ void rewrite_weight(int64_t i, acc_t z_weight) const {
+    write_weight(i, static_cast<acc_t>(w0[i]) - v[i] / beta, z_weight);
+  }
+};
+
+template <typename scalar_t, int kMode>
+__global__ void __launch_bounds__(kThreads) rmda_elements_kernel(TensorTable table, StepArgs args) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (skip_step(args)) return;
+  const int64_t block = blockIdx.x;
+  int lo = 0, hi = table.n - 1;  // the last tensor whose first block is <= this block
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (table.first_block[mid] <= block) lo = mid; else hi = mid - 1;
+  }
+  const int i = lo;
+  const int64_t local = block - table.first_block[i];
+  const int64_t outer = table.outer[i], groups = table.groups[i], inner = table.inner[i];
+
+  const acc_t t = *static_cast<const acc_t*>(table.step[i]);  // already advanced
+  const acc_t beta = ::sqrt(t);
+  const acc_t s = beta * step_lr<acc_t>(args);
+  const acc_t grad_weight =
+      args.grad_scale_kind != kNone ? s / acc_t(read_scalar(args.grad_scale, args.grad_scale_kind)) : s;
+  const acc_t tau = (*static_cast<const acc_t*>(table.alpha[i]) / beta) * acc_t(args.lam);
+  const acc_t thr = tau * acc_t(::sqrt(double(outer * inner)));
+  const ElementStep<scalar_t, acc_t> op{
+      static_cast<scalar_t*>(table.w[i]), static_cast<const scalar_t*>(table.g[i]),
+      static_cast<const scalar_t*>(table.w0[i]), static_cast<acc_t*>(table.v[i]),
+      beta, grad_weight, thr, acc_t(args.momentum), acc_t(1.0 - args.momentum)};
+
+  if constexpr (kMode == kPlain || kMode == kSingle) {
+    const int64_t numel = outer * groups * inner;
+    const int64_t end = numel < (local + 1) * kChunk ? numel : (local + 1) * kChunk;
+    bool* mask = table.mask[i];
+    for (int64_t e = local * kChunk + threadIdx.x; e < end; e += kThreads) {
+      const acc_t z = op.dual_and_z(e);
+      acc_t z_weight = op.c;
+      if constexpr (kMode == kSingle) {
+        const acc_t n = z < acc_t(0) ? -z : z;
+        const bool keep = n > thr;
+        mask[e] = !keep;
+        z_weight = keep ? op.c * ((n - thr) / n) : acc_t(0);
+      }
+      op.write_weight(e, z, z_weight);
+    }
+  } else {
+    const int64_t grp = local, size = outer * inner, row = groups * inner;
+    // entry e of the group lives at (e / inner) * row + grp * inner + e % inner
+    auto index = [&](int64_t e) {
+      if (outer == 1) return grp * inner + e;
+      if (inner == 1) return e * row + grp;
+      const int64_t o = e / inner;
+      return o * row + grp * inner + (e - o * inner);
+    };
+    acc_t sum_sq = 0;
+    for (int64_t e = threadIdx.x; e < size; e += kThreads) {
+      const acc_t z = op.dual_and_z(index(e));
+      sum_sq += z * z;
+    }
+    const acc_t n = ::sqrt(block_sum(sum_sq));
+    const bool keep = n > thr;
+    if (threadIdx.x == 0) table.mask[i][grp] = !keep;
+    const acc_t z_weight = keep ? op.c * ((n - thr) / n) : acc_t(0);
+    for (int64_t e = threadIdx.x; e < size; e += kThreads) op.rewrite_weight(index(e), z_weight);
+  }
+}
+
+int scalar_kind(const std::optional<at::Tensor>& t, const char* name) {
+  if (!t) return kNone;
+  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble,
+              "rmda_step_ (CUDA): ", name, " must be float32 or float64, got ", t->scalar_type());
+  return t->scalar_type() == at::kDouble ? kF64 : kF32;
+}
+
+template <typename scalar_t>
+void launch_table(const TensorTable& table, const StepArgs& args, int mode, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  advance_scalars_kernel<acc_t><<<1, kMaxTensors, 0, stream>>>(table, args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t blocks = table.first_block[table.n];
+  if (blocks == 0) return;
+  TORCH_CHECK(blocks <= INT_MAX, "rmda_step_ (CUDA): too many blocks in one launch");
+  switch (mode) {
+    case kPlain: rmda_elements_kernel<scalar_t, kPlain><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(table, args); break;
+    case kSingle: rmda_elements_kernel<scalar_t, kSingle><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(table, args); break;
+    default: rmda_elements_kernel<scalar_t, kGroups><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(table, args); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void rmda_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList initials,
+                    at::TensorList duals, at::TensorList steps, at::TensorList alphas,
+                    at::TensorList zero_groups, at::IntArrayRef views, double lr,
+                    double momentum, double lam, const std::optional<at::Tensor>& lr_tensor,
+                    const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  check_step_args(params, grads, initials, duals, steps, alphas, zero_groups, views, lr_tensor,
+                  grad_scale, found_inf, at::kCUDA);
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  for (const at::Tensor& p : params) {
+    TORCH_CHECK(p.device() == device, "rmda_step_ (CUDA): all parameters must be on one device");
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool prox = !views.empty();
+  StepArgs args{lr_tensor ? lr_tensor->data_ptr() : nullptr,
+                grad_scale ? grad_scale->data_ptr() : nullptr,
+                found_inf ? found_inf->data_ptr() : nullptr,
+                lr, momentum, lam,
+                scalar_kind(lr_tensor, "lr_tensor"), scalar_kind(grad_scale, "grad_scale"),
+                scalar_kind(found_inf, "found_inf")};
+
+  std::map<std::pair<at::ScalarType, int>, std::vector<size_t>> buckets;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int mode = !prox ? kPlain : view_of(views, i).group_size() == 1 ? kSingle : kGroups;
+    buckets[{params[i].scalar_type(), mode}].push_back(i);
+  }
+  for (const auto& [key, members] : buckets) {
+    const auto [dtype, mode] = key;
+    for (size_t start = 0; start < members.size(); start += kMaxTensors) {
+      TensorTable table{};
+      table.n = static_cast<int>(std::min<size_t>(kMaxTensors, members.size() - start));
+      int64_t blocks = 0;
+      for (int k = 0; k < table.n; ++k) {
+        const size_t i = members[start + k];
+        const GroupView v = prox ? view_of(views, i) : GroupView{1, params[i].numel(), 1};
+        table.w[k] = params[i].data_ptr();
+        table.g[k] = grads[i].data_ptr();
+        table.w0[k] = initials[i].data_ptr();
+        table.v[k] = duals[i].data_ptr();
+        table.mask[k] = prox ? zero_groups[i].data_ptr<bool>() : nullptr;
+        table.step[k] = steps[i].data_ptr();
+        table.alpha[k] = alphas[i].data_ptr();
+        table.outer[k] = v.outer;
+        table.groups[k] = v.groups;
+        table.inner[k] = v.inner;
+        table.first_block[k] = blocks;
+        blocks += mode == kGroups ? v.groups : (params[i].numel() + kChunk - 1) / kChunk;
+      }
+      table.first_block[table.n] = blocks;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "rmda_step_cuda", [&] {
+        launch_table<scalar_t>(table, args, mode, stream);
+      });
+    }
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rmda_fused, CUDA, m) {
+  m.impl("rmda_step_", &rmda_step_cuda);
+}
+
+}  // namespace rmda_fused
