@@ -53,9 +53,12 @@ setup(
     package_dir={"rmda_fused.kernels": "kernels"},
     install_requires=["torch>=2.4", "tqdm", "scikit-learn"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "matplotlib", "torchvision"],
+        "test": ["pytest", "pytest-benchmark", "matplotlib", "torchvision", "torch-pruning"],
+        # python -m rmda_fused.train on ImageFolder data, its plots, and --export-slim
+        "train": ["torchvision", "matplotlib", "torch-pruning"],
         "bench": ["pytest-benchmark", "matplotlib", "torchvision"],
     },
+    entry_points={"console_scripts": ["rmda-train=rmda_fused.train.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

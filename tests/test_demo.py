@@ -1,4 +1,5 @@
-"""``python -m rmda_fused.demo``: the mechanics on a short run, and the promise on the full one."""
+"""``python -m rmda_fused.demo`` (the ``--preset digits`` run of ``python -m rmda_fused.train``):
+the mechanics on a short run, and the promise on the full one."""
 import pytest
 import torch
 
@@ -27,6 +28,8 @@ def test_short_run_reports_metrics(capsys):
     assert len(epoch_lines) == 8
     assert all("sparsity z" in line and "last change" in line for line in epoch_lines)
     assert "after apply_prox_point()" in out
+    # the effective config is printed first
+    assert "config:" in out and any(line.split() == ["preset", "=", "digits"] for line in out.splitlines())
 
 
 def test_quiet_run_is_reproducible(capsys):

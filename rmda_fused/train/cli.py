@@ -1,0 +1,139 @@
+"""``python -m rmda_fused.train`` / ``rmda-train``: command line, presets, and entry points.
+
+Defaults are the authors' ImageNet recipe (ResNet-50, global batch 256, 160 epochs, RMDA with
+lr 1.0, c 0.1, lam 1.35e-5, restarts at epochs 40/80/120 with gamma 0.1, label smoothing
+0.1, AMP). ``--preset digits`` is the CPU demo instead (``python -m rmda_fused.demo``).
+Launch as is for one process, or under ``torchrun --nproc_per_node=N`` for DDP.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from .data import DIGITS_SOURCE
+from .models import DIGITS_ARCH, check_arch
+from .optim import DEFAULT_LR, DEFAULT_MOMENTUM
+
+# milestones default to these fractions of --epochs (the recipe's 40/80/120 of 160)
+PRESETS: dict[str, dict[str, Any]] = {
+    "imagenet": dict(arch="resnet50", epochs=160, batch_size=256, lam=1.35e-5,
+                     milestone_fractions=(0.25, 0.5, 0.75), label_smoothing=0.1, amp="auto",
+                     image_size=224, workers=8, threads=0),
+    # the demo: a small CNN on scikit-learn's digits, on one CPU thread, in about 15 s
+    "digits": dict(data=DIGITS_SOURCE, arch=DIGITS_ARCH, epochs=100, batch_size=64, lr=0.1,
+                   momentum=0.1, lam=1e-3, milestone_fractions=(0.6,), label_smoothing=0.0,
+                   amp="none", device="cpu", image_size=8, workers=0, threads=1),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rmda-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a torchvision classifier with RMDA (or the ProxSGD/SGD baselines) on an "
+                    "ImageFolder tree; one process, or DDP under torchrun --nproc_per_node=N.",
+        epilog=__doc__.split("\n\n")[1])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="imagenet",
+                   help="default values of every other flag")
+    p.add_argument("--data", help=f"ImageFolder root with train/ and val/, or {DIGITS_SOURCE}")
+    p.add_argument("--arch", help=f"torchvision classification model, or {DIGITS_ARCH}")
+    p.add_argument("--image-size", type=int, help="training crop; validation resizes to 256/224 of it")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch, split over the processes")
+    p.add_argument("--optimizer", choices=["rmda", "proxsgd", "sgd"], default="rmda")
+    p.add_argument("--lr", type=float, help=f"default per optimizer: {DEFAULT_LR}")
+    p.add_argument("--momentum", type=float,
+                   help=f"RMDA: c, the weight of the new point (not SGD's 0.9); default {DEFAULT_MOMENTUM}")
+    p.add_argument("--momentum-schedule", choices=["iclr", "sqrt", "none"], default="iclr",
+                   help="RMDA's c at restarts (rmda_fused.MultiStepRestart)")
+    p.add_argument("--lam", type=float, help="regularization strength (rmda, proxsgd)")
+    p.add_argument("--grouping", default="input_channel",
+                   choices=["input_channel", "output_channel", "elementwise"])
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="--optimizer sgd only")
+    p.add_argument("--milestones", type=int, nargs="*",
+                   help="epochs after which lr *= gamma (and RMDA restarts); default: the preset's "
+                        "fractions of --epochs")
+    p.add_argument("--gamma", type=float, default=0.1)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--backend", default="auto", help="RMDA backend (rmda_fused.available_backends())")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"],
+                   help="autocast dtype; auto: bf16 on GPUs, none on CPU; fp16 adds a GradScaler")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels_last model and inputs (RMDA then uses the reference backend)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   help="default: cuda if available (NCCL), else cpu (gloo)")
+    p.add_argument("--workers", type=int, help="data-loading processes per training process")
+    p.add_argument("--threads", type=int, help="torch threads per process (0: leave as is)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="run directory: checkpoint.pt, log.jsonl, plots, final model")
+    p.add_argument("--resume", action="store_true", help="continue from --output/checkpoint.pt")
+    p.add_argument("--export-slim", action="store_true",
+                   help="at the end, write --output/slim.pt: the physically smaller model")
+    p.add_argument("--stop-after-steps", type=int,
+                   help="debugging: stop after this many steps, as if killed (nothing saved)")
+    p.add_argument("--quiet", action="store_true", help="no config, per-epoch lines or progress bar")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    pre = argparse.ArgumentParser(add_help=False)  # the preset first: it sets the defaults
+    pre.add_argument("--preset", choices=sorted(PRESETS), default="imagenet")
+    p = parser()
+    p.set_defaults(**PRESETS[pre.parse_known_args(argv)[0].preset])
+    args = p.parse_args(argv)
+    return resolve(args, p)
+
+
+def resolve(args: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Namespace:
+    """Fill in the defaults that depend on other flags, and reject bad combinations."""
+    if args.data is None:
+        p.error(f"--data is required (an ImageFolder root with train/ and val/, or {DIGITS_SOURCE})")
+    check_arch(args.arch)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.amp == "auto":
+        args.amp = "bf16" if args.device == "cuda" else "none"
+    args.lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
+    args.momentum = DEFAULT_MOMENTUM[args.optimizer] if args.momentum is None else args.momentum
+    if args.milestones is None:
+        args.milestones = sorted({max(1, int(f * args.epochs)) for f in args.milestone_fractions})
+    del args.milestone_fractions
+    if args.channels_last and args.optimizer == "rmda" and args.backend == "auto":
+        # the fused kernels group a contiguous (outer, groups, inner) view; channels_last
+        # weights are not laid out so, and the reference backend reduces over dims instead
+        args.backend = "reference"
+    for name in ("epochs", "batch_size", "image_size"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if (args.resume or args.export_slim) and not args.output:
+        p.error("--resume and --export-slim need --output")
+    return args
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv``, train, and return the final metrics (``accuracy``, ``top5``,
+    ``sparsity_z``, ``sparsity_W``, ``last_change``, ``seconds``; ``stopped`` after
+    --stop-after-steps). Raises SystemExit with a message on bad input."""
+    from . import distributed
+    from .run import train
+
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads > 0:  # a tiny model gains nothing from more threads on a busy CPU
+        torch.set_num_threads(args.threads)
+    info = distributed.setup(args.device)
+    try:
+        world = info.world_size
+        if args.batch_size % world:
+            raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+        return train(args, info)
+    finally:
+        torch.set_num_threads(threads)
+        distributed.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (returns None, so that the exit status is 0 on success)."""
+    run(argv)

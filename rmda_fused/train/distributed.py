@@ -1,0 +1,109 @@
+"""Process-group setup for one process or a ``torchrun`` launch (single- or multi-node).
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK (and MASTER_ADDR/PORT); without them the run is a
+single process and no process group is created, so ``python -m rmda_fused.train`` needs no
+launcher. NCCL on GPUs, gloo on CPU.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device_kind: str) -> Dist:
+    """Join the process group torchrun describes (if any) and pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_kind == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible (use --device cpu)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return Dist(rank, world_size, local_rank, device)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: Dist) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def all_reduce_sum(info: Dist, values: list[float]) -> list[float]:
+    """Sum a few numbers over all processes (one collective)."""
+    if not info.enabled:
+        return values
+    # gloo reduces CPU tensors, NCCL device tensors: put them where the backend wants them
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_object(info: Dist, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every process (e.g. a decision only rank 0 could make)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rng_state(info: Dist) -> dict[str, Any]:
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": np.random.get_state()}
+    if info.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(info.device)
+    return state
+
+
+def gather_rng_states(info: Dist) -> list[dict[str, Any]]:
+    """Every process's RNG states (augmentation, dropout and worker seeds draw from them), so
+    that a resumed run continues each process's random stream where the checkpoint left it."""
+    mine = rng_state(info)
+    if not info.enabled:
+        return [mine]
+    states: list[Any] = [None] * info.world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def set_rng_state(info: Dist, state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"].cpu())
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and info.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), info.device)

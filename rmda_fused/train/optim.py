@@ -1,0 +1,33 @@
+"""The optimizer and learning-rate schedule a run trains with (``--optimizer``)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import RMDA, MultiStepRestart, ProxSGD, param_groups
+
+# lr and momentum defaults when not given: RMDA's from the authors' ImageNet recipe (lr is
+# the dual-averaging base step, momentum is c, the weight of the new point); the baselines'
+# are the usual SGD ones (lr 0.1 for a batch of 256, momentum 0.9)
+DEFAULT_LR = {"rmda": 1.0, "proxsgd": 0.1, "sgd": 0.1}
+DEFAULT_MOMENTUM = {"rmda": 0.1, "proxsgd": 0.9, "sgd": 0.9}
+
+
+def build(args: Any, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    """(optimizer, scheduler); ``scheduler.step()`` is called once per epoch."""
+    if args.optimizer == "rmda":
+        optimizer = RMDA(param_groups(model, args.lam, args.grouping), lr=args.lr,
+                         momentum=args.momentum, backend=args.backend)
+        schedule = None if args.momentum_schedule == "none" else args.momentum_schedule
+        return optimizer, MultiStepRestart(optimizer, args.milestones, gamma=args.gamma,
+                                           momentum_schedule=schedule)
+    if args.optimizer == "proxsgd":
+        # the same two groups as RMDA: conv/linear weights regularized, the rest plain
+        groups = param_groups(model, args.lam, args.grouping)
+        optimizer = ProxSGD(groups, lr=args.lr, momentum=args.momentum)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, args.gamma)

@@ -1,0 +1,149 @@
+"""A whole run: set up, resume, train epoch by epoch, checkpoint, report, export."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import RMDA, IdentificationTracker
+from ..structure import group_sparsity
+from . import checkpoint, data as data_mod, distributed, loop, optim, report
+from .distributed import Dist
+from .models import build_model
+
+
+def _structure(optimizer, tracker) -> dict[str, Any]:
+    flips = tracker.flips
+    return dict(sparsity_z=group_sparsity(optimizer, "z").fraction,
+                sparsity_W=group_sparsity(optimizer, "W").fraction,
+                flips=flips[-1] if flips else 0, last_change=tracker.last_change)
+
+
+def _resume_state(args: Any, info: Dist, num_classes: int) -> dict[str, Any] | None:
+    if not args.output:
+        return None
+    file = checkpoint.path(args.output)
+    exists = distributed.broadcast_object(info, file.exists())  # rank 0 decides for all
+    if exists and not args.resume:
+        raise SystemExit(f"--output {args.output} already holds a checkpoint: pass --resume to "
+                         "continue that run, or choose another --output")
+    return checkpoint.load(file, args, info, num_classes) if exists else None
+
+
+def train(args: Any, info: Dist) -> dict[str, Any]:
+    say = report.printer(args.quiet, info.is_main)
+    torch.manual_seed(args.seed)  # same initial weights everywhere (DDP also broadcasts them)
+    data = data_mod.build(args, info)
+    model = build_model(args.arch, data.num_classes, data.input_shape).to(info.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, scheduler = optim.build(args, model)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=args.amp == "fp16")
+    tracker = IdentificationTracker(optimizer)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    torch.manual_seed(args.seed + info.rank)  # each process its own augmentation stream
+
+    state = _resume_state(args, info, data.num_classes)
+    done = checkpoint.restore(state, info, model, optimizer, scheduler, scaler, tracker) if state else 0
+    del state
+    if args.output and info.is_main:
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+    log = report.JsonLog(args.output, done) if args.output and info.is_main else None
+
+    say(report.config_text(args, dict(world_size=info.world_size, device=info.device,
+                                      train_images=data.train_size, val_images=data.val_size,
+                                      classes=data.num_classes, resumed_after_epoch=done)))
+    if done:
+        say(f"resumed from {checkpoint.path(args.output)} after epoch {done}")
+
+    train_model: nn.Module = model
+    if info.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+
+    start = time.perf_counter()
+    steps_left = args.stop_after_steps
+    bar = None
+    if info.is_main and not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=max(args.epochs - done, 0) * len(data.train), desc="training", unit="step",
+                   file=sys.stderr, leave=False, dynamic_ncols=True)
+    for epoch in range(done + 1, args.epochs + 1):
+        data.set_epoch(epoch)
+        if bar is not None:
+            bar.set_description(f"epoch {epoch}/{args.epochs}")
+        lr, momentum = optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["momentum"]
+        stats = loop.train_epoch(args, info, train_model, data.train, optimizer, scaler, loss_fn,
+                                 bar, steps_left)
+        if steps_left is not None:
+            steps_left -= stats["steps"]
+            if steps_left <= 0:  # --stop-after-steps: as if killed here, nothing saved
+                if bar is not None:
+                    bar.close()
+                say(f"stopped after {args.stop_after_steps} steps (--stop-after-steps), in epoch {epoch}")
+                return dict(stopped=True, epoch=epoch - 1)
+        scheduler.step()  # after the epoch: lr *= gamma (and RMDA restarts) at a milestone
+        tracker.update(epoch)
+        top1, top5 = loop.evaluate(args, info, model, data.val)
+        record = dict(epoch=epoch, lr=float(lr), momentum=float(momentum), **stats,
+                      val_top1=top1, val_top5=top5, **_structure(optimizer, tracker),
+                      elapsed_s=time.perf_counter() - start)
+        if args.output:
+            payload = checkpoint.payload(args, info, epoch, model, optimizer, scheduler, scaler,
+                                         tracker, data.num_classes)
+            if info.is_main:
+                checkpoint.save(args.output, payload)
+                log.append(record)
+            del payload
+        say(report.epoch_line(record))
+        if bar is not None:
+            bar.set_postfix(acc=f"{top1:.3f}", z=f"{record['sparsity_z']:.0%}")
+    if bar is not None:
+        bar.close()
+    return _finish(args, info, model, optimizer, tracker, data, log, say, start)
+
+
+def _finish(args, info, model, optimizer, tracker, data, log, say, start) -> dict[str, Any]:
+    """W <- z (RMDA), final metrics, plots, and the slim export."""
+    if isinstance(optimizer, RMDA):
+        optimizer.apply_prox_point()  # W <- z: the exactly structured model
+    top1, top5 = loop.evaluate(args, info, model, data.val)
+    structure = _structure(optimizer, tracker)
+    final = dict(accuracy=top1, top5=top5, sparsity_z=structure["sparsity_z"],
+                 sparsity_W=structure["sparsity_W"], last_change=tracker.last_change,
+                 seconds=time.perf_counter() - start)
+    what = "after apply_prox_point()" if isinstance(optimizer, RMDA) else "at the end"
+    say(f"\n{what}, in {final['seconds']:.1f} s: test accuracy {top1:.4f} (top-5 {top5:.4f}), "
+        f"group sparsity z {final['sparsity_z']:.1%} = W {final['sparsity_W']:.1%}, "
+        f"z pattern last changed at epoch {final['last_change']}")
+    say(group_sparsity(optimizer, "W", model=model))
+    if args.output and info.is_main:
+        out = Path(args.output)
+        torch.save(dict(model=model.state_dict(), arch=args.arch, num_classes=data.num_classes),
+                   out / "model_final.pt")
+        (out / "final.json").write_text(json.dumps(final, indent=2) + "\n")
+        for path in report.plot(log.records(), out):
+            say(f"wrote {path}")
+    if args.export_slim and info.is_main:
+        final["slim"] = _export_slim(args, info, model, data, say)
+    distributed.barrier(info)  # the others wait for rank 0's files before the group closes
+    return final
+
+
+def _export_slim(args, info, model, data, say) -> dict[str, Any]:
+    from ..slim import describe, export_slim
+
+    x, _ = next(iter(data.val))  # real images: the equivalence is checked where it matters
+    model.eval()
+    result = export_slim(model, x[:8].to(info.device), Path(args.output) / "slim.pt")
+    say(describe(result))
+    say(f"wrote {Path(args.output) / 'slim.pt'} and slim.pt.json")
+    return result
