@@ -52,6 +52,15 @@ def _group_scale(sumsq, thr, FP64: tl.constexpr):
 
 
 @triton.jit
+def _tile_offsets(rows, cc, nh, row_stride, base, r1, run, BLOCK_L: tl.constexpr):
+    # tile row r is chunk (r % nh) of outer index (r // nh): a run longer than BLOCK_L is
+    # folded into nh rows
+    pos = ((rows % nh) * BLOCK_L)[:, None] + cc[None, :]
+    offs = ((rows // nh) * row_stride + base)[:, None] + pos
+    return offs, (rows < r1)[:, None] & (pos < run)
+
+
+@triton.jit
 def _load_tile_info(tiles, meta, scratch, hyper, F: tl.constexpr, FP64: tl.constexpr,
                     TCOL: tl.constexpr, BLOCK_L: tl.constexpr):
     tile = tiles + tl.program_id(0).to(tl.int64) * TCOL
@@ -98,10 +107,7 @@ def _rmda_grouped_kernel(
     gg = tl.arange(0, BLOCK_G)
     onehot = ((cc // inner_d)[None, :] == gg[:, None]) & (cc < run)[None, :]
     if pslot < 0:  # the whole group set is this tile: one pass
-        rows = r0 + rr
-        pos = ((rows % nh) * BLOCK_L)[:, None] + cc[None, :]
-        offs = ((rows // nh) * row_stride + base)[:, None] + pos
-        m = (rows < r1)[:, None] & (pos < run)
+        offs, m = _tile_offsets(r0 + rr, cc, nh, row_stride, base, r1, run, BLOCK_L)
         v = tl.load(v_ptr + offs, mask=m, other=0.0)
         v = v + weight * tl.load(g_ptr + offs, mask=m, other=0.0).to(F)
         w0 = tl.load(w0_ptr + offs, mask=m, other=0.0).to(F)
@@ -120,10 +126,7 @@ def _rmda_grouped_kernel(
     else:  # pass 1 of a big group set: V and this chunk's partial sums of z^2
         acc = tl.zeros([BLOCK_L], F)
         for r in range(r0, r1, BLOCK_R):
-            rows = r + rr
-            pos = ((rows % nh) * BLOCK_L)[:, None] + cc[None, :]
-            offs = ((rows // nh) * row_stride + base)[:, None] + pos
-            m = (rows < r1)[:, None] & (pos < run)
+            offs, m = _tile_offsets(r + rr, cc, nh, row_stride, base, r1, run, BLOCK_L)
             v = tl.load(v_ptr + offs, mask=m, other=0.0)
             v = v + weight * tl.load(g_ptr + offs, mask=m, other=0.0).to(F)
             w0 = tl.load(w0_ptr + offs, mask=m, other=0.0).to(F)
@@ -160,10 +163,7 @@ def _rmda_grouped_apply_kernel(
     onehot = ((cc // inner_d)[None, :] == gg[:, None]) & (cc < run)[None, :]
     scale_c = tl.sum(tl.where(onehot, scale[:, None], 0.0), axis=0)
     for r in range(r0, r1, BLOCK_R):
-        rows = r + rr
-        pos = ((rows % nh) * BLOCK_L)[:, None] + cc[None, :]
-        offs = ((rows // nh) * row_stride + base)[:, None] + pos
-        m = (rows < r1)[:, None] & (pos < run)
+        offs, m = _tile_offsets(r + rr, cc, nh, row_stride, base, r1, run, BLOCK_L)
         v = tl.load(v_ptr + offs, mask=m, other=0.0)
         w0 = tl.load(w0_ptr + offs, mask=m, other=0.0).to(F)
         z = w0 - (v / beta if FP64 else tl.math.div_rn(v, beta))
