@@ -108,6 +108,32 @@ def test_matches_reference(grouping, dtype, device):
         _assert_same(ours, ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_big_strided_tensors_split_over_threads(dtype):
+    # tensors over the kernel's row-chunk size (128K entries) are split across threads with
+    # per-chunk partial norms: same result as the reference, and bitwise the same on 1 thread
+    shapes = [(64, 900, 3, 3), (300, 1000), (10, 70000), (8, 6, 3, 3)]
+    two = _make(shapes, dtype, "input_channel", seed=1)
+    one, ref = _clone(two), _clone(two)
+    threads = torch.get_num_threads()
+    try:
+        for k in range(3):
+            g = _grads(two["params"], seed=10 + k)
+            torch.set_num_threads(2)
+            _step(cpu, two, g, "input_channel", lam=5.0)
+            torch.set_num_threads(1)
+            _step(cpu, one, g, "input_channel", lam=5.0)
+            _step(reference, ref, g, "input_channel", lam=5.0)
+            _assert_same(two, ref, dtype)
+            for key in two:
+                for a, b in zip(two[key], one[key]):
+                    assert torch.equal(a, b), key
+    finally:
+        torch.set_num_threads(threads)
+    masks = torch.cat(two["zero_groups"])
+    assert masks.any() and not masks.all()  # the threshold cut some groups, not all
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("grouping", ["input_channel", "output_channel", "elementwise"])
 def test_zero_groups_and_exact_zeros(grouping, device):
