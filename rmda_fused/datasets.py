@@ -30,12 +30,20 @@ def _split(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             digits.images[i_test], digits.target[i_test])
 
 
-def load_digits_split(seed: int) -> tuple[torch.Tensor, ...]:
-    """(x_train, y_train, x_test, y_test); x is (N, 1, 8, 8) normalized with train statistics."""
+def load_digits_split(seed: int, per_pixel: bool = False) -> tuple[torch.Tensor, ...]:
+    """(x_train, y_train, x_test, y_test); x is (N, 1, 8, 8) normalized with train statistics.
+
+    ``per_pixel`` standardizes each pixel on its own (the usual preprocessing for logistic
+    regression); pixels constant in the training set (image corners) then become exactly 0.
+    """
     x_train, y_train, x_test, y_test = _split(seed)
     x_train = torch.tensor(x_train, dtype=torch.float32).unsqueeze(1)  # 0..16
     x_test = torch.tensor(x_test, dtype=torch.float32).unsqueeze(1)
-    mean, std = x_train.mean(), x_train.std()
+    if per_pixel:
+        mean, std = x_train.mean(0), x_train.std(0)
+        std = torch.where(std > 0, std, torch.ones_like(std))
+    else:
+        mean, std = x_train.mean(), x_train.std()
     return ((x_train - mean) / std, torch.tensor(y_train, dtype=torch.long),
             (x_test - mean) / std, torch.tensor(y_test, dtype=torch.long))
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from rmda_fused import RMDA, IdentificationTracker, MultiStepRestart, ProxSGD, param_groups
+from rmda_fused.datasets import load_digits_split
 from rmda_fused.structure import group_sparsity
 
 # ProxSGD: torch's SGD (heavy-ball momentum 0.9) then the prox with threshold lr*lam, the
@@ -69,28 +70,6 @@ class Run:
         return asdict(self)
 
 
-def load_digits_data(seed: int) -> tuple[torch.Tensor, ...]:
-    """sklearn's bundled 8x8 digits (1,797 images, nothing downloaded), 80/20 stratified split
-    drawn by ``seed``, standardized per pixel with training statistics.
-
-    Per-pixel standardization is the usual preprocessing for logistic regression; pixels that
-    are constant in the training set (image corners) become exactly 0 rather than a constant
-    that would only duplicate the bias.
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1)  # (N, 1, 8, 8)
-    y = torch.tensor(digits.target, dtype=torch.long)
-    train, test = train_test_split(torch.arange(len(y)), test_size=0.2,
-                                   stratify=digits.target, random_state=seed)
-    mean, std = x[train].mean(0), x[train].std(0)
-    std = torch.where(std > 0, std, torch.ones_like(std))
-    norm = lambda t: (t - mean) / std  # noqa: E731
-    return norm(x[train]), y[train], norm(x[test]), y[test]
-
-
 def make_model(case: str) -> nn.Module:
     if case == "logistic":
         # multinomial logistic regression: a Linear(64, 10); its input-channel groups are the
@@ -136,7 +115,7 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def train(case: Case, method: str, lam: float, seed: int) -> Run:
     start = time.perf_counter()
-    x_train, y_train, x_test, y_test = load_digits_data(seed)
+    x_train, y_train, x_test, y_test = load_digits_split(seed, per_pixel=True)
     torch.manual_seed(seed)  # same init for every method of this seed
     model = make_model(case.name)
     opt, sched = make_optimizer(case, method, lam, model)
