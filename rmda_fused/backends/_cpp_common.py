@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import _extension
 from ..grouping import GroupView
 from ..optimizer import state_dtype
-from . import reference
+from . import reference, split_lr
 
 
 def _fits_kernel(p: Tensor, g: Tensor, w0: Tensor, v: Tensor) -> bool:
@@ -71,15 +71,7 @@ def rmda_step_(
                                        zero_groups, views))
     prox = grouping != "none"
     flat_views = [n for view in views for n in view] if prox else []
-    device = params[0].device
-    lr_value, lr_tensor = 0.0, None
-    if isinstance(lr, Tensor):
-        if lr.device == device:
-            lr_tensor = lr  # read inside the kernel: no host sync on CUDA
-        else:
-            lr_value = float(lr)
-    else:
-        lr_value = float(lr)
+    lr_value, lr_tensor = split_lr(lr, params[0].device)
     torch.ops.rmda_fused.rmda_step_(
         params, grads, initials, duals, steps, alphas, list(zero_groups) if prox else [],
         flat_views, lr_value, float(momentum), float(lam) if prox else 0.0,

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..grouping import GroupView
+from . import split_lr
 
 _IMPORT_ERROR: str | None = None
 try:
@@ -114,13 +115,7 @@ def rmda_step_(
         raise RuntimeError(unavailable_reason())
     _check(params, grads, initials, duals, steps, alphas, zero_groups, views, grouping)
     device = params[0].device
-    lr_tensor = None
-    if isinstance(lr, Tensor):
-        if lr.device == device:
-            lr_tensor = lr.detach().reshape(())  # read in the kernel: no sync, no recompile
-            lr = 0.0
-        else:
-            lr = float(lr)  # a CPU tensor lr for CUDA params: reading it needs no sync
+    lr, lr_tensor = split_lr(lr, device)
     if grad_scale is not None:
         grad_scale = grad_scale.to(device, non_blocking=True)
     if found_inf is not None:
