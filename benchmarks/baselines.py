@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from rmda_fused import RMDA, available_backends, param_groups
+from rmda_fused import RMDA, ProxSGD, available_backends, param_groups
 from rmda_fused.functional import resolve_backend
 from rmda_fused.grouping import norm_dims
 from rmda_fused.optimizer import state_dtype
@@ -145,13 +145,17 @@ def _split(params: list[Tensor], regularized: list[bool]) -> tuple[list[Tensor],
             [p for p, r in zip(params, regularized) if not r])
 
 
+def _groups(params: list[Tensor], regularized: list[bool]) -> list[dict]:
+    """The two param groups of rmda_fused.param_groups, from flat lists (empty ones dropped)."""
+    reg, plain = _split(params, regularized)
+    groups = [dict(params=reg, lam=LAM, grouping=GROUPING),
+              dict(params=plain, lam=0.0, grouping="none")]
+    return [g for g in groups if g["params"]]
+
+
 def _rmda_builder(backend: str):
     def build(params: list[Tensor], regularized: list[bool]) -> Callable[[], None]:
-        reg, plain = _split(params, regularized)
-        groups = [dict(params=reg, lam=LAM, grouping=GROUPING),
-                  dict(params=plain, lam=0.0, grouping="none")]
-        opt = RMDA([g for g in groups if g["params"]], lr=LR, momentum=RMDA_MOMENTUM,
-                   backend=backend)
+        opt = RMDA(_groups(params, regularized), lr=LR, momentum=RMDA_MOMENTUM, backend=backend)
         return opt.step
     return build
 
@@ -218,19 +222,10 @@ def _authors_builder(params: list[Tensor], regularized: list[bool]) -> Callable[
 
 def _sgd_builder(impl: str, prox: bool):
     def build(params: list[Tensor], regularized: list[bool]) -> Callable[[], None]:
-        opt = torch.optim.SGD(params, lr=LR, momentum=SGD_MOMENTUM, **{impl: True})
-        reg = _split(params, regularized)[0] if prox else []
-
-        @torch.no_grad()
-        def step() -> None:
-            opt.step()
-            # ProxSGD: group-LASSO prox of the SGD iterate, one norm + one scale per weight
-            for w in reg:
-                thr = LR * LAM * math.sqrt(w.numel() / w.shape[1])
-                norms = torch.linalg.vector_norm(w, dim=norm_dims(w.ndim, GROUPING),
-                                                 keepdim=True, dtype=torch.float32)
-                w.mul_((1.0 - thr / norms).clamp_(min=0.0).to(w.dtype))
-        return step
+        options = dict(lr=LR, momentum=SGD_MOMENTUM, **{impl: True})
+        if prox:  # the library's baseline: torch SGD, then the group prox of each weight
+            return ProxSGD(_groups(params, regularized), **options).step
+        return torch.optim.SGD(params, **options).step
     return build
 
 

@@ -4,8 +4,8 @@
 
 times, over the model's parameter list with random gradients, every rmda_fused backend that
 runs on the device, an "authors-style loop" (RMDA written as the authors' published optimizer
-is: separate tensor ops per parameter), ProxSGD (torch SGD, momentum 0.9, plus a group-LASSO
-prox with torch ops) and plain torch SGD (foreach, fused). It also sweeps total elements and
+is: separate tensor ops per parameter), ProxSGD (rmda_fused.ProxSGD: torch SGD, momentum
+0.9, then a group-LASSO prox with torch ops) and plain torch SGD (foreach, fused). It also sweeps total elements and
 number of tensors, and measures the share of a ResNet training iteration spent in step().
 JSON, Markdown and PNGs are written to --out (default benchmarks/results/<device>-<dtype>/);
 ``python -m benchmarks.overhead --render DIR`` redraws them from DIR/results.json.
