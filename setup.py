@@ -2,7 +2,10 @@
 
 The C++ (and, where CUDA is present, CUDA) kernels are built as ``rmda_fused._C``; the
 recipe lives in rmda_fused/_extension.py, shared with the run-time JIT build. torch must be
-importable while building: ``pip install --no-build-isolation -e .``.
+importable while building, so install without build isolation:
+``pip install --no-build-isolation .`` (or ``-e .``); pyproject.toml names the build
+requirements. The kernel sources also ship inside the package (``rmda_fused/csrc``) for the
+JIT fallback.
 """
 import importlib.util
 import sys
@@ -26,8 +29,8 @@ def _ext_modules():
     except ImportError:
         print(
             "rmda_fused: torch is not importable in this build environment, so the C++ kernels "
-            "are not built now; they compile on first use instead. To build them ahead of time "
-            "install with `pip install --no-build-isolation -e .`",
+            "are not built now; they compile on first use instead. To build them at install, "
+            "install torch first, then `pip install --no-build-isolation .` (or `-e .`)",
             file=sys.stderr,
         )
         return [], {}
@@ -48,9 +51,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # the Triton kernels live at top level (kernels/) and install as rmda_fused.kernels
-    packages=find_packages(include=["rmda_fused", "rmda_fused.*"]) + ["rmda_fused.kernels"],
-    package_dir={"rmda_fused.kernels": "kernels"},
+    # the Triton kernels (kernels/) and the C++/CUDA sources (csrc/) live at top level and
+    # install as rmda_fused.kernels and rmda_fused/csrc (the JIT fallback builds from there)
+    packages=find_packages(include=["rmda_fused", "rmda_fused.*"])
+    + ["rmda_fused.kernels", "rmda_fused.csrc"],
+    package_dir={"rmda_fused.kernels": "kernels", "rmda_fused.csrc": "csrc"},
+    package_data={"rmda_fused": ["py.typed"],
+                  "rmda_fused.csrc": ["*.cpp", "*.cu", "*.h", "*/*.cpp", "*/*.h", "README.md"]},
     install_requires=["torch>=2.4", "tqdm", "scikit-learn"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "matplotlib", "torchvision", "torch-pruning"],
