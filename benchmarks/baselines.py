@@ -16,12 +16,12 @@ from torch import Tensor, nn
 from rmda_fused import RMDA, ProxSGD, available_backends, param_groups
 from rmda_fused.functional import resolve_backend
 from rmda_fused.grouping import norm_dims
-from rmda_fused.optimizer import state_dtype
+from rmda_fused.batch import state_dtype
 
 # Hyperparameters only need to be realistic enough that no path is skipped: lam > 0 so the
 # prox runs on every regularized tensor, and small enough that random grads keep W finite.
 LR = 0.01
-RMDA_MOMENTUM = 0.1  # RMDA's c (SPEC.md), not SGD's 0.9
+RMDA_MOMENTUM = 0.1  # RMDA's c (docs/algorithm.md), not SGD's 0.9
 SGD_MOMENTUM = 0.9
 LAM = 1e-4
 GROUPING = "input_channel"
@@ -161,8 +161,8 @@ def _rmda_builder(backend: str):
 
 
 def _rmda_bytes(p: Tensor, regularized: bool) -> int:
-    # SPEC.md floor: read g, W, W0 (param dtype), V (state dtype); write W, V
-    v = torch.empty((), dtype=state_dtype(p)).element_size()
+    # the floor of docs/algorithm.md, "Memory traffic": read g, W, W0 (param dtype), V (state dtype); write W, V
+    v = torch.empty((), dtype=state_dtype(p.dtype)).element_size()
     return p.grad.element_size() + 3 * p.element_size() + 2 * v
 
 

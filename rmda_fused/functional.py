@@ -1,70 +1,78 @@
-"""The functional core of RMDA: one step over lists of tensors, dispatched to a backend.
+"""The functional core of RMDA: one step over lists of tensors, and the one place that
+decides which backend runs which tensors.
 
 Every backend module lives in ``rmda_fused/backends/`` and exposes
 
 - ``unavailable_reason() -> str | None``: why it cannot run on this machine (None: it can);
 - ``handles(device: torch.device) -> bool``: whether it can take tensors on that device;
-- ``rmda_step_(params, grads, initials, duals, steps, alphas, zero_groups, views, *, lr,
-  momentum, lam, grouping, grad_scale, found_inf)``: the in-place step of SPEC.md.
+- ``rmda_step_(batch: StepBatch, options: StepOptions)``: the in-place step of
+  docs/algorithm.md, "The update", on a batch this module has validated.
 
-The lists are aligned, one entry per parameter that has a gradient. ``steps`` and ``alphas``
-are 0-d tensors on the parameter's device (fp32, fp64 for fp64 parameters); ``views`` are the
-:class:`~rmda_fused.grouping.GroupView` of each parameter (None for ``grouping='none'``),
-computed here once so that no backend re-derives the group layout.
+The fused backends (cpu, cuda, triton) take contiguous tensors of fp32/fp64/bf16/fp16
+parameters; anything else runs on ``reference`` in the same step, with a warning (once per
+reason) that says why.
 """
 from __future__ import annotations
 
 import functools
-import importlib
 import warnings
 from types import ModuleType
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from .backends import cpu, cuda, reference, triton
+from .batch import StepBatch, StepOptions, state_dtype
 from .grouping import check_grouping, group_view
 
-# name -> module; the order is the preference of backend="auto" among those that handle a device
-_BACKEND_MODULES = {
-    "reference": "rmda_fused.backends.reference",
-    "cpu": "rmda_fused.backends.cpu",
-    "cuda": "rmda_fused.backends.cuda",
-    "triton": "rmda_fused.backends.triton",
+__all__ = ["rmda_step", "available_backends", "resolve_backend", "check_backend_name"]
+
+# name -> module; imported eagerly (each module reports its own unavailability), so that
+# resolving a backend under torch.compile is a plain dict lookup.
+_BACKENDS: dict[str, ModuleType] = {
+    "reference": reference, "cpu": cpu, "cuda": cuda, "triton": triton,
 }
-# Triton is never listed for CPU: it takes CPU tensors only in its (slow) interpreter
+# the order is backend="auto"'s preference among those that handle a device type. Triton is
+# never listed for CPU: it takes CPU tensors only in its (slow) interpreter.
 _AUTO_PREFERENCE = {
     "cpu": ("cpu", "reference"),
     "cuda": ("triton", "cuda", "reference"),
 }
+_FUSED_PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 @functools.lru_cache(maxsize=None)
-def _load(name: str) -> tuple[ModuleType | None, str | None]:
+def _unavailable(name: str) -> str | None:
     try:
-        module = importlib.import_module(_BACKEND_MODULES[name])
-    except Exception as exc:  # an import failure is the reason the backend is missing
-        return None, f"import failed: {type(exc).__name__}: {exc}"
-    reason = module.unavailable_reason()
-    return (None, reason) if reason else (module, None)
+        return _BACKENDS[name].unavailable_reason()
+    except Exception as exc:  # a failing probe is the reason, never a crash at step time
+        return f"{type(exc).__name__}: {exc}"
 
 
 def available_backends() -> dict[str, str | None]:
     """Every known backend mapped to None if it works here, else the reason it does not."""
-    return {name: _load(name)[1] for name in _BACKEND_MODULES}
+    return {name: _unavailable(name) for name in _BACKENDS}
 
 
+def check_backend_name(backend: object) -> str:
+    if not isinstance(backend, str) or (backend != "auto" and backend not in _BACKENDS):
+        raise ValueError(
+            f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(_BACKENDS)}"
+        )
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend name ``backend`` means for tensors on ``device``."""
+    check_backend_name(backend)
     if backend == "auto":
         return _resolve_auto(device.type)
-    if backend not in _BACKEND_MODULES:
-        raise ValueError(
-            f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(_BACKEND_MODULES)}"
-        )
-    module, reason = _load(backend)
-    if module is None:
+    reason = _unavailable(backend)
+    if reason is not None:
         raise RuntimeError(f"backend {backend!r} is not available here: {reason}")
-    if not module.handles(device):
+    if not _BACKENDS[backend].handles(device):
         raise RuntimeError(f"backend {backend!r} cannot run on {device.type} tensors")
     return backend
 
@@ -72,25 +80,114 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 @functools.lru_cache(maxsize=None)
 def _resolve_auto(device_type: str) -> str:
     skipped = []
+    device = torch.device(device_type)
     for name in _AUTO_PREFERENCE.get(device_type, ("reference",)):
-        module, reason = _load(name)
-        if module is not None and module.handles(torch.device(device_type)):
+        reason = _unavailable(name)
+        if reason is None and _BACKENDS[name].handles(device):
             break
         skipped.append(f"{name}: {reason or f'does not take {device_type} tensors'}")
     if skipped:  # a faster backend is missing: say why, once, rather than slow down silently
         warnings.warn(
             f"rmda_fused: backend='auto' uses {name!r} for {device_type} tensors because "
-            + "; ".join(skipped), RuntimeWarning, stacklevel=3,
+            + "; ".join(skipped), RuntimeWarning, stacklevel=4,
         )
     return name
 
 
-def check_backend_name(backend: object) -> str:
-    if not isinstance(backend, str) or (backend != "auto" and backend not in _BACKEND_MODULES):
-        raise ValueError(
-            f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(_BACKEND_MODULES)}"
-        )
-    return backend
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(backend: str, reason: str) -> None:
+    warnings.warn(
+        f"rmda_fused: backend {backend!r} cannot take {reason}; those parameters run on "
+        "the 'reference' backend (slower, same update)", RuntimeWarning, stacklevel=5,
+    )
+
+
+def _fallback_reason(p: Tensor, g: Tensor, w0: Tensor, v: Tensor) -> str | None:
+    """Why a fused kernel cannot take this parameter (None: it can)."""
+    if p.dtype not in _FUSED_PARAM_DTYPES:
+        return f"{p.dtype} parameters"
+    if not (p.is_contiguous() and g.is_contiguous() and w0.is_contiguous()
+            and v.is_contiguous()):
+        return ("non-contiguous parameters or gradients (e.g. channels_last): the fused "
+                "kernels use the contiguous (outer, groups, inner) group view")
+    return None
+
+
+def check_batch(batch: StepBatch, options: StepOptions,
+                name: Callable[[int], str] = "parameter {}".format) -> None:
+    """Raise a ValueError/TypeError naming the first parameter whose tensors do not fit the
+    step, before any tensor is written. ``name(i)`` names entry i of the batch."""
+    prox = options.prox
+
+    def _describe(i: int, p: Tensor) -> str:
+        return f"{name(i)} (shape {tuple(p.shape)})"
+
+    for i, (p, g, w0, v, t, a, mask, view) in enumerate(zip(*batch.lists())):
+        if g.is_complex() or p.is_complex():
+            raise TypeError(f"rmda_step: RMDA does not support complex parameters or "
+                            f"gradients ({_describe(i, p)})")
+        if not p.is_floating_point():
+            raise TypeError(f"rmda_step: {_describe(i, p)} is {p.dtype}, not floating point")
+        if g.is_sparse:
+            raise TypeError(f"rmda_step: RMDA does not support sparse gradients "
+                            f"({_describe(i, p)})")
+        for what, x in (("grad", g), ("initial", w0), ("dual", v)):
+            if x.shape != p.shape:
+                raise ValueError(f"rmda_step: {what} of {_describe(i, p)} has shape "
+                                 f"{tuple(x.shape)}")
+        if g.dtype != p.dtype or w0.dtype != p.dtype:
+            raise TypeError(f"rmda_step: grad and initial of {_describe(i, p)} must have "
+                            f"its dtype {p.dtype}, got {g.dtype} and {w0.dtype}")
+        acc = state_dtype(p.dtype)
+        if v.dtype != acc or t.dtype != acc or a.dtype != acc:
+            raise TypeError(f"rmda_step: dual, step and alpha of {_describe(i, p)} must be "
+                            f"{acc}, got {v.dtype}, {t.dtype}, {a.dtype}")
+        if t.numel() != 1 or a.numel() != 1:
+            raise ValueError(f"rmda_step: step and alpha of {_describe(i, p)} must have one "
+                             "element")
+        if any(x.device != p.device for x in (g, w0, v, t, a)):
+            raise ValueError(f"rmda_step: every tensor of {_describe(i, p)} must be on "
+                             f"{p.device}")
+        if prox:
+            if view is None or view.outer * view.groups * view.inner != p.numel():
+                raise ValueError(f"rmda_step: group view {view} does not cover "
+                                 f"{_describe(i, p)}")
+            if (mask is None or mask.dtype != torch.bool or mask.numel() != view.groups
+                    or mask.device != p.device or not mask.is_contiguous()):
+                raise ValueError(f"rmda_step: the zero mask of {_describe(i, p)} must be a "
+                                 f"contiguous bool tensor of {view.groups} entries on "
+                                 f"{p.device}")
+
+
+def step_batch_(batch: StepBatch, options: StepOptions, backend: str) -> None:
+    """One step of a validated batch: per device, the fused backend takes what it can and
+    the rest runs on ``reference``. The optimizer calls this after its own checks."""
+    for device, on_device in batch.devices():
+        name = resolve_backend(backend, device)
+        if name != "reference":
+            reasons = [_fallback_reason(p, g, w0, v) for p, g, w0, v in
+                       zip(on_device.params, on_device.grads, on_device.initials,
+                           on_device.duals)]
+            if any(reasons):
+                for reason in {r for r in reasons if r}:
+                    _warn_fallback(name, reason)
+                fused, rest = on_device.split([r is None for r in reasons])
+                reference.rmda_step_(rest, _on(options, device))
+                on_device = fused
+        if len(on_device):
+            _BACKENDS[name].rmda_step_(on_device, _on(options, device))
+
+
+def _on(options: StepOptions, device: torch.device) -> StepOptions:
+    """``options`` with the AMP scalars on ``device`` (GradScaler may keep them elsewhere)."""
+    moved = {}
+    for key in ("grad_scale", "found_inf"):
+        value = getattr(options, key)
+        if value is not None and value.device != device:
+            moved[key] = value.to(device, non_blocking=True)
+    if not moved:
+        return options
+    return StepOptions(**{**options.__dict__, **moved})
 
 
 def rmda_step(
@@ -100,7 +197,7 @@ def rmda_step(
     duals: list[Tensor],
     steps: list[Tensor],
     alphas: list[Tensor],
-    zero_groups: list[Tensor | None],
+    zero_masks: list[Tensor | None],
     *,
     lr: float | Tensor,
     momentum: float,
@@ -110,23 +207,20 @@ def rmda_step(
     found_inf: Tensor | None = None,
     backend: str = "auto",
 ) -> None:
-    """One RMDA step (SPEC.md) for parameters that share lr, momentum, lam and grouping.
+    """One RMDA step (docs/algorithm.md, "The update") for parameters that share lr,
+    momentum, lam and grouping.
 
-    Updates ``params``, ``duals``, ``steps``, ``alphas`` and ``zero_groups`` in place.
-    ``zero_groups[i]`` (one bool per group, or None for ``grouping='none'``) receives which
-    groups of the prox point z are exactly zero.
+    Updates ``params``, ``duals``, ``steps``, ``alphas`` and ``zero_masks`` in place.
+    ``zero_masks[i]`` (one bool per group, or None for ``grouping='none'``) receives which
+    groups of the prox point z are exactly zero. Every argument is checked before any
+    tensor is written.
     """
-    if not params:
-        return
     check_grouping(grouping)
-    lists = (grads, initials, duals, steps, alphas, zero_groups)
-    if any(len(x) != len(params) for x in lists):
-        raise ValueError("rmda_step: every tensor list must have one entry per parameter")
-    name = resolve_backend(backend, params[0].device)
-    module, _ = _load(name)
+    check_backend_name(backend)
     views = [group_view(p.shape, grouping) for p in params]
-    module.rmda_step_(
-        params, grads, initials, duals, steps, alphas, zero_groups, views,
-        lr=lr, momentum=momentum, lam=lam, grouping=grouping,
-        grad_scale=grad_scale, found_inf=found_inf,
-    )
+    batch = StepBatch(params, grads, initials, duals, steps, alphas, zero_masks, views)
+    options = StepOptions(lr, momentum, lam, grouping, grad_scale, found_inf)
+    if not len(batch):
+        return
+    check_batch(batch, options)
+    step_batch_(batch, options, backend)

@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import torch
 
+from .batch import state_dtype
+
 GROUPINGS = ("input_channel", "output_channel", "elementwise", "none")
 _CHANNEL_GROUPINGS = ("input_channel", "output_channel")
 
@@ -85,7 +87,7 @@ def group_norms(tensor: torch.Tensor, grouping: str, keepdim: bool = False) -> t
     With ``keepdim`` the result broadcasts against ``tensor`` (one value per group);
     without it, it is flat, one value per group in group order.
     """
-    acc = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    acc = state_dtype(tensor.dtype)
     tensor = tensor.detach()
     if grouping == "elementwise":
         norms = tensor.abs().to(acc)
@@ -96,8 +98,8 @@ def group_norms(tensor: torch.Tensor, grouping: str, keepdim: bool = False) -> t
     return norms if keepdim else norms.flatten()
 
 
-def zero_groups(tensor: torch.Tensor, grouping: str) -> torch.Tensor:
-    """One bool per group: is every entry of the group exactly zero."""
+def zero_group_mask(tensor: torch.Tensor, grouping: str) -> torch.Tensor:
+    """One bool per group of ``tensor`` itself (e.g. W): is every entry exactly zero."""
     if grouping == "none":
         raise ValueError("grouping 'none' has no groups")
     nonzero = tensor.detach() != 0

@@ -1,4 +1,4 @@
-"""``RMDA``: the torch.optim.Optimizer around :func:`rmda_fused.functional.rmda_step`."""
+"""``RMDA``: the torch.optim.Optimizer around :mod:`rmda_fused.functional`."""
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable
@@ -7,23 +7,21 @@ import torch
 from torch import Tensor
 
 from . import functional
-from .grouping import check_fits, check_grouping, group_prox_, num_groups
+from .batch import StepBatch, StepOptions, state_dtype
+from .grouping import check_fits, check_grouping, group_prox_, group_view, num_groups
 
-__all__ = ["RMDA", "state_dtype"]
+__all__ = ["RMDA", "STATE_KEYS"]
 
 # Per-parameter state (the keys of ``optimizer.state[p]`` and of ``state_dict()["state"]``):
-#   initial      W0, the parameter at the first step or the last restart (parameter dtype)
-#   dual         V, the weighted sum of gradients since then (fp32; fp64 for fp64 params)
-#   step         t, steps since the last restart (0-d tensor on the parameter's device)
-#   alpha        A, sum of the step sizes lr*sqrt(t) since then (0-d tensor, like step)
-#   zero_groups  one bool per group: is that group of the prox point z exactly zero after the
-#                last step (absent for grouping="none")
-STATE_KEYS = ("initial", "dual", "step", "alpha", "zero_groups")
-
-
-def state_dtype(param: Tensor) -> torch.dtype:
-    """The dtype RMDA keeps V, t and A in for ``param`` (SPEC.md, "Numerics")."""
-    return torch.float64 if param.dtype == torch.float64 else torch.float32
+#   initial    W0, the parameter at the first step or the last restart (parameter dtype)
+#   dual       V, the weighted sum of gradients since then (fp32; fp64 for fp64 params)
+#   step       t, steps since the last restart (0-d tensor on the parameter's device)
+#   alpha      A, sum of the step sizes lr*sqrt(t) since then (0-d tensor, like step)
+#   zero_mask  one bool per group: is that group of the prox point z exactly zero after the
+#              last step (absent for grouping="none")
+STATE_KEYS = ("initial", "dual", "step", "alpha", "zero_mask")
+# the state key of the zero mask before it was renamed; load_state_dict accepts it
+_OLD_MASK_KEY = "zero_groups"
 
 
 def _is_number(x: object) -> bool:
@@ -44,7 +42,7 @@ class RMDA(torch.optim.Optimizer):
         backend: ``"auto"`` or a name from :func:`rmda_fused.available_backends`.
 
     The per-parameter state keys are ``initial``, ``dual``, ``step``, ``alpha`` and
-    ``zero_groups`` (see ``STATE_KEYS`` in this module). ``restart()`` resets the dual
+    ``zero_mask`` (see ``STATE_KEYS`` in this module). ``restart()`` resets the dual
     averaging at W; ``apply_prox_point()`` sets every parameter to its exactly structured
     prox point z.
     """
@@ -71,7 +69,7 @@ class RMDA(torch.optim.Optimizer):
     def _reject_unsupported(kwargs: dict[str, Any]) -> None:
         if "weight_decay" in kwargs:
             raise ValueError(
-                "RMDA has no weight_decay: the regularizer lam replaces it (SPEC.md); "
+                "RMDA has no weight_decay: the regularizer lam replaces it; "
                 f"got weight_decay={kwargs['weight_decay']!r}"
             )
         if kwargs:
@@ -121,33 +119,34 @@ class RMDA(torch.optim.Optimizer):
     def _init_state(self, p: Tensor, grouping: str) -> dict[str, Tensor]:
         state = self.state[p]
         if not state:
-            acc = state_dtype(p)
+            acc = state_dtype(p.dtype)
             state["initial"] = p.detach().clone()
             state["dual"] = torch.zeros_like(p, dtype=acc)
             state["step"] = torch.zeros((), dtype=acc, device=p.device)
             state["alpha"] = torch.zeros((), dtype=acc, device=p.device)
         groups = num_groups(p.shape, grouping)
         if grouping == "none":
-            state.pop("zero_groups", None)
-        elif "zero_groups" not in state or state["zero_groups"].numel() != groups:
-            state["zero_groups"] = torch.zeros(groups, dtype=torch.bool, device=p.device)
+            state.pop("zero_mask", None)
+        elif "zero_mask" not in state or state["zero_mask"].numel() != groups:
+            state["zero_mask"] = torch.zeros(groups, dtype=torch.bool, device=p.device)
         return state
 
-    def _gather(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
-        lists: tuple[list[Tensor], ...] = tuple([] for _ in range(7))
-        for i, p in enumerate(group["params"]):
+    def _batch(self, group: dict[str, Any]) -> tuple[StepBatch, list[int]]:
+        """The step batch of one param group: every parameter that has a gradient; and each
+        entry's position in ``group["params"]``."""
+        grouping = group["grouping"]
+        lists: tuple[list, ...] = tuple([] for _ in range(8))
+        positions = []
+        for position, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
-            g = p.grad
-            if g.is_sparse:
-                raise TypeError(f"RMDA does not support sparse gradients (parameter {i} of shape {tuple(p.shape)})")
-            if g.is_complex():
-                raise TypeError(f"RMDA does not support complex gradients (parameter {i} of shape {tuple(p.shape)})")
-            state = self._init_state(p, group["grouping"])
-            for out, t in zip(lists, (p, g, state["initial"], state["dual"], state["step"],
-                                      state["alpha"], state.get("zero_groups"))):
-                out.append(t)
-        return lists
+            positions.append(position)
+            state = self._init_state(p, grouping)
+            for out, x in zip(lists, (p, p.grad, state["initial"], state["dual"],
+                                      state["step"], state["alpha"], state.get("zero_mask"),
+                                      group_view(p.shape, grouping))):
+                out.append(x)
+        return StepBatch(*lists), positions
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -157,16 +156,31 @@ class RMDA(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        # every group is checked before any tensor changes: a refused step changes nothing
+        work = []
         for index, group in enumerate(self.param_groups):
             self._check_hyperparameters(group, where=f"param group {index}")
-            params, grads, initials, duals, steps, alphas, masks = self._gather(group)
-            functional.rmda_step(
-                params, grads, initials, duals, steps, alphas, masks,
-                lr=group["lr"], momentum=group["momentum"], lam=group["lam"],
-                grouping=group["grouping"], grad_scale=grad_scale, found_inf=found_inf,
-                backend=group["backend"],
-            )
+            batch, positions = self._batch(group)
+            options = StepOptions(group["lr"], group["momentum"], group["lam"],
+                                  group["grouping"], grad_scale, found_inf)
+            functional.check_batch(
+                batch, options, lambda i: f"param group {index}, parameter {positions[i]}")
+            work.append((batch, options, group["backend"]))
+        for batch, options, backend in work:
+            if len(batch):
+                functional.step_batch_(batch, options, backend)
         return loss
+
+    def backend_names(self) -> list[str]:
+        """The backend each param group's step runs on: ``auto`` resolved for the device of
+        its parameters (``a/b`` when they span devices). Parameters whose layout or dtype the
+        fused kernels cannot take run on ``reference`` within the same step, with a warning."""
+        names = []
+        for group in self.param_groups:
+            devices = dict.fromkeys(p.device for p in group["params"])
+            names.append("/".join(functional.resolve_backend(group["backend"], d)
+                                  for d in devices) or "-")
+        return names
 
     @torch.no_grad()
     def restart(self) -> None:
@@ -206,7 +220,9 @@ class RMDA(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts floating state to the parameter's dtype; RMDA keeps V, t, A in
         # state_dtype and the zero mask as bool, so put the saved values back exactly.
-        saved = state_dict["state"]
+        saved = {pid: {(_renamed(key)): value for key, value in entry.items()}
+                 for pid, entry in state_dict["state"].items()}
+        state_dict = {**state_dict, "state": saved}
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         # the backend is a property of this machine, not of the run: keep the live choice
         backends = [g["backend"] for g in self.param_groups]
@@ -220,8 +236,12 @@ class RMDA(torch.optim.Optimizer):
             for key, value in saved[pid].items():
                 if key == "initial":
                     dtype = p.dtype
-                elif key == "zero_groups":
+                elif key == "zero_mask":
                     dtype = torch.bool
                 else:
-                    dtype = state_dtype(p)
+                    dtype = state_dtype(p.dtype)
                 self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+
+
+def _renamed(key: str) -> str:
+    return "zero_mask" if key == _OLD_MASK_KEY else key

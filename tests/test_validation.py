@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import types
 
 import pytest
 import torch
@@ -125,14 +126,19 @@ def test_unavailable_backend_raises_runtime_error_with_reason():
         opt.step()
 
 
-def test_broken_backend_module_reports_its_import_failure(monkeypatch):
-    """The mechanism behind the previous test, on a backend that cannot import anywhere."""
-    modules = getattr(functional, "_BACKEND_MODULES", None)
-    load = getattr(functional, "_load", None)
-    if not isinstance(modules, dict) or not hasattr(load, "cache_clear"):
-        pytest.skip("functional no longer keeps a _BACKEND_MODULES table / cached _load")
-    monkeypatch.setitem(modules, "broken", "rmda_fused.backends._no_such_backend_module")
-    load.cache_clear()
+def _clear_backend_caches():
+    for cached in (functional._unavailable, functional.resolve_backend, functional._resolve_auto):
+        cached.cache_clear()
+
+
+def test_broken_backend_reports_its_failure(monkeypatch):
+    """The mechanism behind the previous test, on a backend whose probe fails anywhere."""
+    def probe():
+        raise ImportError("no module named _no_such_backend_module")
+
+    broken = types.SimpleNamespace(unavailable_reason=probe, handles=lambda device: True)
+    monkeypatch.setitem(functional._BACKENDS, "broken", broken)
+    _clear_backend_caches()
     try:
         reason = rmda_fused.available_backends()["broken"]
         assert reason and "_no_such_backend_module" in reason
@@ -143,7 +149,7 @@ def test_broken_backend_module_reports_its_import_failure(monkeypatch):
             opt.step()
     finally:
         monkeypatch.undo()
-        load.cache_clear()
+        _clear_backend_caches()
 
 
 @pytest.mark.parametrize("group, error, match", [

@@ -1,8 +1,7 @@
 """C++ CPU backend: the fused, multi-tensor RMDA step of csrc/rmda_cpu.cpp.
 
-One pass over memory per parameter (24 B/elem for fp32; see the header of rmda_cpu.cpp for
-the strided input_channel case), group norms and the zero_groups mask in the same kernel,
-threads over tiles of all tensors at once.
+Group norms and the zero mask come from the same kernel as the update; threads share tiles
+of all tensors at once. Memory traffic per grouping: docs/algorithm.md, "Memory traffic".
 """
 from __future__ import annotations
 

@@ -1,0 +1,111 @@
+"""The seam between the optimizer, the functional core and the backends.
+
+A :class:`StepBatch` holds the aligned per-parameter tensors of one step (one entry per
+parameter that has a gradient) and each parameter's group view; :class:`StepOptions` holds
+what the whole batch shares. Every backend implements ``rmda_step_(batch, options)``.
+This module imports nothing else of rmda_fused at run time, so any module may use it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # grouping imports this module (state_dtype)
+    from .grouping import GroupView
+
+__all__ = ["StepBatch", "StepOptions", "state_dtype"]
+
+
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype V, t and A are kept in for a parameter of ``param_dtype``
+    (docs/algorithm.md, "Numerics"): fp64 for fp64 parameters, fp32 for every other."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """The hyper-parameters and AMP scalars one step shares across its batch."""
+
+    lr: float | Tensor
+    momentum: float
+    lam: float
+    grouping: str
+    grad_scale: Tensor | None = None
+    found_inf: Tensor | None = None
+
+    @property
+    def prox(self) -> bool:
+        return self.grouping != "none"
+
+
+@dataclass
+class StepBatch:
+    """Aligned lists, one entry per parameter: the tensors one RMDA step reads and writes.
+
+    ``zero_masks[i]`` is the state's bool mask (one entry per group of z, written by the
+    step) and ``views[i]`` the parameter's (outer, groups, inner) group view; both are None
+    for ``grouping='none'``.
+    """
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    initials: list[Tensor]
+    duals: list[Tensor]
+    steps: list[Tensor]
+    alphas: list[Tensor]
+    zero_masks: list[Tensor | None]
+    views: list[GroupView | None]
+
+    def __post_init__(self) -> None:
+        n = len(self.params)
+        for f in fields(self):
+            if len(getattr(self, f.name)) != n:
+                raise ValueError(
+                    f"StepBatch: {f.name} has {len(getattr(self, f.name))} entries, "
+                    f"params has {n}: every list needs one entry per parameter")
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def lists(self) -> tuple[list, ...]:
+        """The eight lists, in the order of the fields (and of the C++ op's arguments)."""
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    def select(self, indices: Sequence[int]) -> StepBatch:
+        """The sub-batch of the parameters at ``indices``, in that order."""
+        return StepBatch(*([xs[i] for i in indices] for xs in self.lists()))
+
+    def split(self, keep: Sequence[bool]) -> tuple[StepBatch, StepBatch]:
+        """(entries where ``keep`` is true, the others)."""
+        yes = [i for i, k in enumerate(keep) if k]
+        no = [i for i, k in enumerate(keep) if not k]
+        return self.select(yes), self.select(no)
+
+    def buckets(self) -> Iterator[tuple[tuple[torch.device, torch.dtype, ...], StepBatch]]:
+        """Sub-batches sharing device and the dtypes of param, grad, initial and dual, in
+        order of first appearance (the spirit of torch's
+        ``_group_tensors_by_device_and_dtype``): what one multi-tensor launch can take."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (p, g, w0, v) in enumerate(zip(self.params, self.grads, self.initials,
+                                               self.duals)):
+            groups.setdefault((p.device, p.dtype, g.dtype, w0.dtype, v.dtype), []).append(i)
+        if len(groups) == 1:
+            key = next(iter(groups))
+            yield key, self
+            return
+        for key, indices in groups.items():
+            yield key, self.select(indices)
+
+    def devices(self) -> Iterator[tuple[torch.device, StepBatch]]:
+        """Sub-batches per device, in order of first appearance."""
+        groups: dict[torch.device, list[int]] = {}
+        for i, p in enumerate(self.params):
+            groups.setdefault(p.device, []).append(i)
+        if len(groups) == 1:
+            yield next(iter(groups)), self
+            return
+        for device, indices in groups.items():
+            yield device, self.select(indices)
