@@ -6,7 +6,8 @@ One kernel family per module, each with its Python wrapper beside it:
 - :mod:`.rmda_elementwise`: grouping ``none`` and ``elementwise`` (L1);
 - :mod:`.rmda_grouped`: ``input_channel`` / ``output_channel`` group LASSO.
 
-All wrappers take lists of tensors (one dtype bucket) and launch once per bucket.
+The step wrappers take a :class:`rmda_fused.batch.StepBatch` of one bucket (one device, one
+dtype per list, see ``StepBatch.buckets``) and launch each kernel once for all of it.
 """
 from .rmda_elementwise import rmda_elementwise_step_
 from .rmda_grouped import rmda_grouped_step_

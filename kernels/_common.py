@@ -1,5 +1,5 @@
-"""Plumbing shared by the RMDA Triton kernels: the per-tensor pointer table, its cache, and
-IEEE-exact scalar helpers.
+"""What the RMDA Triton kernels share: the per-tensor pointer table and its cache, the
+column names of the tables they pass each other, and the exact-rounding helpers.
 
 Every kernel receives one int64 ``meta`` table with a row per tensor (the columns below),
 so a whole dtype bucket of parameters is updated by one launch, whatever the shapes.
@@ -7,24 +7,30 @@ so a whole dtype bucket of parameters is updated by one launch, whatever the sha
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Hashable
+from typing import TYPE_CHECKING, Callable, Hashable, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+if TYPE_CHECKING:
+    from rmda_fused.batch import StepBatch
+
 # (tl.constexpr: the only kind of global a jitted function may read)
-# columns of the meta table (int64)
+# columns of the meta table (int64): data pointers, then four shape words whose meaning
+# each kernel family defines
 COL_P, COL_G, COL_W0, COL_V, COL_MASK, COL_STEP, COL_ALPHA = map(tl.constexpr, range(7))
-COL_D0, COL_D1, COL_D2, COL_D3 = map(tl.constexpr, range(7, 11))  # shape words, per kernel
+COL_D0, COL_D1, COL_D2, COL_D3 = map(tl.constexpr, range(7, 11))
 NCOL = tl.constexpr(12)  # one spare column keeps rows 96 bytes apart
 
-# columns of the per-tensor scratch written by the scalars kernel (state dtype)
-SCR_BETA, SCR_SCALE, SCR_TAU, SCR_SKIP = map(tl.constexpr, range(4))
+# columns of the per-tensor scratch the scalars kernel writes (state dtype) for the element
+# kernels: beta = sqrt(t), the weight of g in V += weight * g (s / grad_scale), the prox
+# threshold tau, and 1.0 for a step that found_inf skips
+SCR_BETA, SCR_GRAD_WEIGHT, SCR_TAU, SCR_SKIP = map(tl.constexpr, range(4))
 NSCR = tl.constexpr(4)
 
-# hyper tensor (fp64 on the device): lr, c, 1 - c, lam
-HYP_LR, HYP_C, HYP_OMC, HYP_LAM = map(tl.constexpr, range(4))
+# the hyper tensor (fp64 on the device): lr, c, 1 - c, lam
+HYP_LR, HYP_C, HYP_ONE_MINUS_C, HYP_LAM = map(tl.constexpr, range(4))
 
 TORCH_TO_TL = {
     torch.float32: tl.float32,
@@ -32,6 +38,25 @@ TORCH_TO_TL = {
     torch.bfloat16: tl.bfloat16,
     torch.float16: tl.float16,
 }
+
+
+# On GPUs Triton's fp32 "/" and tl.sqrt are approximate (a few ulps); div_rn and sqrt_rn
+# round to nearest like the reference backend, so fused and reference steps agree to the
+# last bit of every scalar. fp64 "/" and sqrt are already correctly rounded.
+@triton.jit
+def div_exact(a, b, FP64: tl.constexpr):
+    return a / b if FP64 else tl.math.div_rn(a, b)
+
+
+@triton.jit
+def sqrt_exact(x, FP64: tl.constexpr):
+    return tl.sqrt(x) if FP64 else tl.sqrt_rn(x)
+
+
+@triton.jit
+def momentum_weights(hyper, F: tl.constexpr):
+    """(c, 1 - c) of W <- (1 - c) W + c z, in the state dtype F."""
+    return tl.load(hyper + HYP_C).to(F), tl.load(hyper + HYP_ONE_MINUS_C).to(F)
 
 
 @triton.jit
@@ -54,6 +79,15 @@ def emulate_bf16_rtne(dtype: torch.dtype) -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return dtype == torch.bfloat16 and isinstance(round_to, InterpretedFunction)
+
+
+def kernel_dtypes(batch: StepBatch) -> dict[str, object]:
+    """The element kernels' dtype constexprs for a one-bucket batch: P (parameter),
+    G (gradient), I (initial point), F (state) and FP64 (whether the state is fp64)."""
+    state = batch.duals[0].dtype
+    return dict(P=TORCH_TO_TL[batch.params[0].dtype], G=TORCH_TO_TL[batch.grads[0].dtype],
+                I=TORCH_TO_TL[batch.initials[0].dtype], F=TORCH_TO_TL[state],
+                FP64=state == torch.float64)
 
 
 class LRUCache:
@@ -93,33 +127,34 @@ def to_device(rows: list[list[int]] | torch.Tensor, device: torch.device, dtype=
     return host.to(device, non_blocking=True)
 
 
-def meta_table(params, grads, initials, duals, steps, alphas, masks, dims, device):
-    """int64 [n, NCOL]: data pointers and four shape words per tensor."""
-    rows = []
-    for p, g, w0, v, t, a, m, d in zip(params, grads, initials, duals, steps, alphas, masks, dims):
-        row = [p.data_ptr(), g.data_ptr(), w0.data_ptr(), v.data_ptr(),
-               0 if m is None else m.data_ptr(), t.data_ptr(), a.data_ptr()]
-        row += list(d) + [0] * (NCOL.value - len(row) - len(d))
-        rows.append(row)
+def _pointer_columns(batch: StepBatch) -> list[tuple[int, ...]]:
+    """Per tensor, the data pointers in the order of the COL_* columns (0: no mask)."""
+    return [(p.data_ptr(), g.data_ptr(), w0.data_ptr(), v.data_ptr(),
+             0 if m is None else m.data_ptr(), t.data_ptr(), a.data_ptr())
+            for p, g, w0, v, t, a, m in zip(batch.params, batch.grads, batch.initials,
+                                            batch.duals, batch.steps, batch.alphas,
+                                            batch.zero_masks)]
+
+
+def meta_table(batch: StepBatch, dims: Sequence[tuple[int, ...]], device: torch.device):
+    """int64 [n, NCOL]: data pointers and up to four shape words (``dims``) per tensor."""
+    rows = [list(pointers) + list(d) + [0] * (NCOL.value - len(pointers) - len(d))
+            for pointers, d in zip(_pointer_columns(batch), dims)]
     return to_device(rows, device)
 
 
 _META_CACHE = LRUCache(64)
 
 
-def cached_meta(kind, params, grads, initials, duals, steps, alphas, masks, dims, device):
+def cached_meta(kind: Hashable, batch: StepBatch, dims: Sequence[tuple[int, ...]],
+                device: torch.device):
     """The meta table, rebuilt only when a pointer or shape word changed since last time.
 
     The key is the table's whole content, so a hit is always exact (even if the allocator
     handed a freed address to a new tensor, the table for that address is the same).
     """
-    key = (kind, str(device), tuple(dims),
-           tuple(t.data_ptr() for t in params), tuple(t.data_ptr() for t in grads),
-           tuple(t.data_ptr() for t in initials), tuple(t.data_ptr() for t in duals),
-           tuple(t.data_ptr() for t in steps), tuple(t.data_ptr() for t in alphas),
-           tuple(0 if m is None else m.data_ptr() for m in masks))
-    return _META_CACHE.get(key, lambda: meta_table(
-        params, grads, initials, duals, steps, alphas, masks, dims, device))
+    key = (kind, str(device), tuple(dims), tuple(_pointer_columns(batch)))
+    return _META_CACHE.get(key, lambda: meta_table(batch, dims, device))
 
 
 class Hyper:
@@ -145,9 +180,10 @@ class Hyper:
 _HYPERS = LRUCache(64)
 
 
-def hyper_tensor(params, device: torch.device, lr: float, c: float, lam: float):
-    """The hyper tensor of this parameter list (one per param group, so that two groups with
-    different lr do not rewrite one tensor back and forth every step)."""
-    key = (str(device), tuple(p.data_ptr() for p in params))
+def hyper_tensor(batch: StepBatch, lr: float, c: float, lam: float) -> torch.Tensor:
+    """The hyper tensor of this batch's parameters (one per param group, so that two groups
+    with different lr do not rewrite one tensor back and forth every step)."""
+    device = batch.params[0].device
+    key = (str(device), tuple(p.data_ptr() for p in batch.params))
     hyper = _HYPERS.get(key, lambda: Hyper(device))
     return hyper.update(lr, c, lam)

@@ -1,9 +1,9 @@
 """RMDA step with group LASSO over the (outer, groups, inner) view: input_channel and
 output_channel, for conv (O, I, k...), pointwise (O, I, 1, 1) and linear (O, I) alike.
 
-A tile is a set of ``ng`` consecutive groups: for each outer index o its elements are one
-contiguous run of ``ng * inner`` entries (row o of the tile), so loads are coalesced along
-the run and the group norm is a reduction over the strided (row) axis, then a one-hot
+A tile is a set of consecutive groups: for each outer index o their elements are one
+contiguous run of ``n_groups * inner`` entries (row o of the tile), so loads are coalesced
+along the run and the group norm is a reduction over the strided (row) axis, then a
 reduction of the columns into groups (one norm per group, computed once in fp32/fp64 and
 broadcast back, so every element of a group sees the same scale and the same zero test).
 A run longer than BLOCK_L (output_channel of a wide filter) is folded into several rows.
@@ -12,7 +12,8 @@ A run longer than BLOCK_L (output_channel of a wide filter) is folded into sever
 - Otherwise (more than BLOCK_R rows): the group set is split into row chunks over several
   programs. Pass 1 (this kernel) updates V and writes each chunk's partial sum of z^2;
   pass 2 (the apply kernel) sums the partials in a fixed order (deterministic, no atomics),
-  re-reads V, W0, W, and writes W; its first chunk writes the mask. 8 more bytes per element.
+  re-reads V, W0, W, and writes W; its first chunk writes the mask. 8 more bytes per element
+  (docs/algorithm.md, "Memory traffic").
 
 With the default TILES a group set takes one pass when it has at most BLOCK_R tile rows:
 input_channel (64 x 32): O <= 64 for kernels up to 32 taps (3x3, 5x5, 1x1, linear), O <= 32
@@ -21,70 +22,120 @@ with I <= 2048). Larger groups take the two passes.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
-    COL_D0, COL_D1, COL_D2, COL_D3, COL_G, COL_MASK, COL_P, COL_V, COL_W0, HYP_C, HYP_OMC,
-    NCOL, NSCR, SCR_BETA, SCR_SCALE, SCR_SKIP, SCR_TAU, TORCH_TO_TL, LRUCache, cached_meta,
-    emulate_bf16_rtne, round_to, to_device,
+    COL_D0, COL_D1, COL_D2, COL_D3, COL_G, COL_MASK, COL_P, COL_V, COL_W0, NCOL, NSCR,
+    SCR_BETA, SCR_GRAD_WEIGHT, SCR_SKIP, SCR_TAU, LRUCache, cached_meta, div_exact,
+    emulate_bf16_rtne, kernel_dtypes, momentum_weights, round_to, sqrt_exact, to_device,
 )
 from .rmda_scalars import rmda_scalars_
 
-# (BLOCK_R, BLOCK_L, BLOCK_G) per grouping: input_channel runs are short (ng * k*k) and
-# the rows many (O); output_channel runs are long (I * k*k), one row per group set, and
-# hold few groups. BLOCK_G, the most groups per tile, bounds the one-hot reduction.
+if TYPE_CHECKING:
+    from rmda_fused.batch import StepBatch
+
+# (BLOCK_R, BLOCK_L, BLOCK_G) per grouping: input_channel runs are short (n_groups * k*k)
+# and the rows many (O); output_channel runs are long (I * k*k), one row per group set, and
+# hold few groups. BLOCK_G, the most groups per tile, bounds the column-to-group reduction.
 TILES = {"input_channel": (64, 32, 32), "output_channel": (16, 128, 8)}
 CHUNK_ITERS = 4  # a pass-1 program of a big group set covers CHUNK_ITERS * BLOCK_R rows
-TCOL = 8  # tile table: tid, g0, row start, row end, partial slot, first slot, n slots, -
+
+# the shape words of this family's meta rows: the group view, and how many groups a tile of
+# this tensor holds
+COL_OUTER, COL_GROUPS, COL_INNER, COL_TILE_GROUPS = COL_D0, COL_D1, COL_D2, COL_D3
+
+# columns of the tile table (int64): the tensor, its first group in the tile, the tile rows
+# [begin, end) this program covers, and for a chunked group set the partial-sum slot of
+# this chunk, the set's first slot and its number of slots (all -1 / 0 for a one-pass tile)
+(TILE_TENSOR, TILE_FIRST_GROUP, TILE_ROW_BEGIN, TILE_ROW_END, TILE_PARTIAL_SLOT,
+ TILE_FIRST_SLOT, TILE_N_SLOTS) = map(tl.constexpr, range(7))
+TCOL = 8  # one spare column keeps rows 64 bytes apart
 
 
 @triton.jit
-def _group_scale(sumsq, thr, FP64: tl.constexpr):
-    # Triton's fp32 sqrt and "/" are approximate on GPUs; the _rn forms round like the
-    # reference (fp64 ones already do)
-    n = tl.sqrt(sumsq) if FP64 else tl.sqrt_rn(sumsq)
-    keep = n > thr  # n == 0 is never kept: the division below never selects 0/0
-    den = tl.where(keep, n, 1.0)
-    scale = tl.where(keep, (n - thr) / den if FP64 else tl.math.div_rn(n - thr, den), 0.0)
+def _locate_tile(tiles, meta, scratch, TCOL: tl.constexpr):
+    """This program's row of the tile table, and the meta and scratch rows of its tensor."""
+    tile = tiles + tl.program_id(0).to(tl.int64) * TCOL
+    tensor = tl.load(tile + TILE_TENSOR)
+    return tile, meta + tensor * NCOL, scratch + tensor * NSCR
+
+
+@triton.jit
+def _tile_layout(tile, tensor_row, BLOCK_L: tl.constexpr):
+    """(first group, number of groups, layout, group size |G|) of the tile's group set.
+
+    ``layout`` = (offset of the first group in an outer index, elements between outer
+    indices, run length, tile rows per outer index, inner or 1) is what _tile_offsets and
+    _column_groups read."""
+    first_group = tl.load(tile + TILE_FIRST_GROUP)
+    outer = tl.load(tensor_row + COL_OUTER)
+    groups = tl.load(tensor_row + COL_GROUPS)
+    inner = tl.load(tensor_row + COL_INNER)
+    n_groups = tl.minimum(tl.load(tensor_row + COL_TILE_GROUPS), groups - first_group)
+    run = n_groups * inner
+    rows_per_outer = tl.maximum(tl.cdiv(run, BLOCK_L), 1)
+    layout = (first_group * inner, groups * inner, run, rows_per_outer,
+              tl.maximum(inner, 1))  # inner == 0 (an empty group) never divides by zero
+    return first_group, n_groups, layout, outer * inner
+
+
+@triton.jit
+def _tile_rows(tile, scratch_row, n_groups):
+    """The tile rows [begin, end) this program covers and how many mask entries it writes
+    (of the tile's ``n_groups``): none of either when found_inf skips the step."""
+    row_begin = tl.load(tile + TILE_ROW_BEGIN)
+    skip = tl.load(scratch_row + SCR_SKIP) != 0.0
+    row_end = tl.where(skip, row_begin, tl.load(tile + TILE_ROW_END))
+    return row_begin, row_end, tl.where(skip, 0, n_groups)
+
+
+@triton.jit
+def _group_threshold(scratch_row, group_size, F: tl.constexpr, FP64: tl.constexpr):
+    """tau * sqrt(|G|), rounded on its own as in the reference. Computed at the top of the
+    kernels, away from the ``norm - threshold`` it feeds: next to it, the compiler fuses
+    the product and the difference into one fma, which rounds differently."""
+    return tl.load(scratch_row + SCR_TAU) * sqrt_exact(group_size.to(F), FP64)
+
+
+@triton.jit
+def _tile_offsets(rows, tile_cols, layout, row_end, BLOCK_L: tl.constexpr):
+    """Element offsets of tile rows ``rows`` and their in-bounds mask.
+
+    Tile row r is chunk (r % rows_per_outer) of outer index (r // rows_per_outer): a run
+    longer than BLOCK_L is folded into rows_per_outer rows."""
+    group_offset, outer_stride, run, rows_per_outer = layout[0], layout[1], layout[2], layout[3]
+    pos = ((rows % rows_per_outer) * BLOCK_L)[:, None] + tile_cols[None, :]
+    offs = ((rows // rows_per_outer) * outer_stride + group_offset)[:, None] + pos
+    return offs, (rows < row_end)[:, None] & (pos < run)
+
+
+@triton.jit
+def _column_groups(tile_cols, group_ids, layout):
+    """[BLOCK_G, BLOCK_L] bool: which group of the tile each column belongs to (none past
+    the run), to reduce columns into groups and broadcast group values back."""
+    run, inner = layout[2], layout[4]
+    return ((tile_cols // inner)[None, :] == group_ids[:, None]) & (tile_cols < run)[None, :]
+
+
+@triton.jit
+def _group_scale(group_sumsq, threshold, FP64: tl.constexpr):
+    """Per group: the factor max(||z|| - threshold, 0) / ||z|| of the group soft-threshold,
+    and whether the group ends zero."""
+    norm = sqrt_exact(group_sumsq, FP64)
+    keep = norm > threshold  # norm == 0 is never kept: the division never selects 0/0
+    den = tl.where(keep, norm, 1.0)
+    scale = tl.where(keep, div_exact(norm - threshold, den, FP64), 0.0)
     return scale, ~keep
 
 
 @triton.jit
-def _tile_offsets(rows, cc, nh, row_stride, base, r1, run, BLOCK_L: tl.constexpr):
-    # tile row r is chunk (r % nh) of outer index (r // nh): a run longer than BLOCK_L is
-    # folded into nh rows
-    pos = ((rows % nh) * BLOCK_L)[:, None] + cc[None, :]
-    offs = ((rows // nh) * row_stride + base)[:, None] + pos
-    return offs, (rows < r1)[:, None] & (pos < run)
-
-
-@triton.jit
-def _load_tile_info(tiles, meta, scratch, hyper, F: tl.constexpr, FP64: tl.constexpr,
-                    TCOL: tl.constexpr, BLOCK_L: tl.constexpr):
-    tile = tiles + tl.program_id(0).to(tl.int64) * TCOL
-    tid = tl.load(tile + 0)
-    g0 = tl.load(tile + 1)
-    r0 = tl.load(tile + 2)
-    r1 = tl.load(tile + 3)
-    row = meta + tid * NCOL
-    outer = tl.load(row + COL_D0)
-    groups = tl.load(row + COL_D1)
-    inner = tl.load(row + COL_D2)
-    ng = tl.minimum(tl.load(row + COL_D3), groups - g0)
-    run = ng * inner
-    nh = tl.maximum(tl.cdiv(run, BLOCK_L), 1)
-    scr = scratch + tid * NSCR
-    skip = tl.load(scr + SCR_SKIP) != 0.0
-    r1 = tl.where(skip, r0, r1)  # found_inf: no row is touched
-    ng = tl.where(skip, 0, ng)  # ... and no mask entry
-    size = (outer * inner).to(F)
-    thr = tl.load(scr + SCR_TAU) * (tl.sqrt(size) if FP64 else tl.sqrt_rn(size))
-    c = tl.load(hyper + HYP_C).to(F)
-    omc = tl.load(hyper + HYP_OMC).to(F)
-    return (tile, row, g0, r0, r1, ng, run, nh, groups * inner, g0 * inner,
-            tl.maximum(inner, 1), scr, thr, c, omc)
+def _store_zero_mask(tensor_row, first_group, group_ids, zero, store):
+    mask_ptr = tl.load(tensor_row + COL_MASK).to(tl.pointer_type(tl.int8))
+    tl.store(mask_ptr + first_group + group_ids, zero.to(tl.int8), mask=store)
 
 
 @triton.jit
@@ -94,47 +145,49 @@ def _rmda_grouped_kernel(
     TCOL: tl.constexpr, RTNE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    (tile, row, g0, r0, r1, ng, run, nh, row_stride, base, inner_d, scr, thr, c,
-     omc) = _load_tile_info(tiles, meta, scratch, hyper, F, FP64, TCOL, BLOCK_L)
-    g_ptr = tl.load(row + COL_G).to(tl.pointer_type(G))
-    w0_ptr = tl.load(row + COL_W0).to(tl.pointer_type(I))
-    v_ptr = tl.load(row + COL_V).to(tl.pointer_type(F))
-    beta = tl.load(scr + SCR_BETA)
-    weight = tl.load(scr + SCR_SCALE)
-    pslot = tl.load(tile + 4)
-    rr = tl.arange(0, BLOCK_R).to(tl.int64)
-    cc = tl.arange(0, BLOCK_L)
-    gg = tl.arange(0, BLOCK_G)
-    onehot = ((cc // inner_d)[None, :] == gg[:, None]) & (cc < run)[None, :]
-    if pslot < 0:  # the whole group set is this tile: one pass
-        offs, m = _tile_offsets(r0 + rr, cc, nh, row_stride, base, r1, run, BLOCK_L)
+    tile, tensor_row, scratch_row = _locate_tile(tiles, meta, scratch, TCOL)
+    first_group, n_groups, layout, group_size = _tile_layout(tile, tensor_row, BLOCK_L)
+    row_begin, row_end, mask_groups = _tile_rows(tile, scratch_row, n_groups)
+    threshold = _group_threshold(scratch_row, group_size, F, FP64)
+    g_ptr = tl.load(tensor_row + COL_G).to(tl.pointer_type(G))
+    w0_ptr = tl.load(tensor_row + COL_W0).to(tl.pointer_type(I))
+    v_ptr = tl.load(tensor_row + COL_V).to(tl.pointer_type(F))
+    beta = tl.load(scratch_row + SCR_BETA)
+    grad_weight = tl.load(scratch_row + SCR_GRAD_WEIGHT)
+    partial_slot = tl.load(tile + TILE_PARTIAL_SLOT)
+    tile_rows = tl.arange(0, BLOCK_R).to(tl.int64)
+    tile_cols = tl.arange(0, BLOCK_L)
+    group_ids = tl.arange(0, BLOCK_G)
+    in_group = _column_groups(tile_cols, group_ids, layout)
+    if partial_slot < 0:  # the whole group set is this tile: one pass
+        offs, m = _tile_offsets(row_begin + tile_rows, tile_cols, layout, row_end, BLOCK_L)
         v = tl.load(v_ptr + offs, mask=m, other=0.0)
-        v = v + weight * tl.load(g_ptr + offs, mask=m, other=0.0).to(F)
+        v = v + grad_weight * tl.load(g_ptr + offs, mask=m, other=0.0).to(F)
         w0 = tl.load(w0_ptr + offs, mask=m, other=0.0).to(F)
-        z = w0 - (v / beta if FP64 else tl.math.div_rn(v, beta))
-        colsq = tl.sum(z * z, axis=0)
-        sumsq = tl.sum(tl.where(onehot, colsq[None, :], 0.0), axis=1)
-        scale, zero = _group_scale(sumsq, thr, FP64)
-        scale_c = tl.sum(tl.where(onehot, scale[:, None], 0.0), axis=0)
-        p_ptr = tl.load(row + COL_P).to(tl.pointer_type(P))
+        z = w0 - div_exact(v, beta, FP64)
+        col_sumsq = tl.sum(z * z, axis=0)
+        group_sumsq = tl.sum(tl.where(in_group, col_sumsq[None, :], 0.0), axis=1)
+        scale, zero = _group_scale(group_sumsq, threshold, FP64)
+        col_scale = tl.sum(tl.where(in_group, scale[:, None], 0.0), axis=0)
+        c, one_minus_c = momentum_weights(hyper, F)
+        p_ptr = tl.load(tensor_row + COL_P).to(tl.pointer_type(P))
         w = tl.load(p_ptr + offs, mask=m, other=0.0).to(F)
-        w = omc * w + c * (z * scale_c[None, :])
+        w = one_minus_c * w + c * (z * col_scale[None, :])
         tl.store(v_ptr + offs, v, mask=m)
         tl.store(p_ptr + offs, round_to(w, P, RTNE), mask=m)
-        mask_ptr = tl.load(row + COL_MASK).to(tl.pointer_type(tl.int8))
-        tl.store(mask_ptr + g0 + gg, zero.to(tl.int8), mask=gg < ng)
+        _store_zero_mask(tensor_row, first_group, group_ids, zero, group_ids < mask_groups)
     else:  # pass 1 of a big group set: V and this chunk's partial sums of z^2
-        acc = tl.zeros([BLOCK_L], F)
-        for r in range(r0, r1, BLOCK_R):
-            offs, m = _tile_offsets(r + rr, cc, nh, row_stride, base, r1, run, BLOCK_L)
+        col_sumsq = tl.zeros([BLOCK_L], F)
+        for r in range(row_begin, row_end, BLOCK_R):
+            offs, m = _tile_offsets(r + tile_rows, tile_cols, layout, row_end, BLOCK_L)
             v = tl.load(v_ptr + offs, mask=m, other=0.0)
-            v = v + weight * tl.load(g_ptr + offs, mask=m, other=0.0).to(F)
+            v = v + grad_weight * tl.load(g_ptr + offs, mask=m, other=0.0).to(F)
             w0 = tl.load(w0_ptr + offs, mask=m, other=0.0).to(F)
-            z = w0 - (v / beta if FP64 else tl.math.div_rn(v, beta))
+            z = w0 - div_exact(v, beta, FP64)
             tl.store(v_ptr + offs, v, mask=m)
-            acc += tl.sum(z * z, axis=0)
-        sumsq = tl.sum(tl.where(onehot, acc[None, :], 0.0), axis=1)
-        tl.store(partial + pslot * BLOCK_G + gg, sumsq)
+            col_sumsq += tl.sum(z * z, axis=0)
+        group_sumsq = tl.sum(tl.where(in_group, col_sumsq[None, :], 0.0), axis=1)
+        tl.store(partial + partial_slot * BLOCK_G + group_ids, group_sumsq)
 
 
 @triton.jit
@@ -144,34 +197,37 @@ def _rmda_grouped_apply_kernel(
     TCOL: tl.constexpr, RTNE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    (tile, row, g0, r0, r1, ng, run, nh, row_stride, base, inner_d, scr, thr, c,
-     omc) = _load_tile_info(tiles, meta, scratch, hyper, F, FP64, TCOL, BLOCK_L)
-    p_ptr = tl.load(row + COL_P).to(tl.pointer_type(P))
-    w0_ptr = tl.load(row + COL_W0).to(tl.pointer_type(I))
-    v_ptr = tl.load(row + COL_V).to(tl.pointer_type(F))
-    beta = tl.load(scr + SCR_BETA)
-    pslot = tl.load(tile + 4)
-    pfirst = tl.load(tile + 5)
-    nslots = tl.load(tile + 6)
-    rr = tl.arange(0, BLOCK_R).to(tl.int64)
-    cc = tl.arange(0, BLOCK_L)
-    gg = tl.arange(0, BLOCK_G)
-    sumsq = tl.zeros([BLOCK_G], F)
-    for k in range(0, nslots):  # same order in every chunk's program: same norm, same mask
-        sumsq += tl.load(partial + (pfirst + k) * BLOCK_G + gg)
-    scale, zero = _group_scale(sumsq, thr, FP64)
-    onehot = ((cc // inner_d)[None, :] == gg[:, None]) & (cc < run)[None, :]
-    scale_c = tl.sum(tl.where(onehot, scale[:, None], 0.0), axis=0)
-    for r in range(r0, r1, BLOCK_R):
-        offs, m = _tile_offsets(r + rr, cc, nh, row_stride, base, r1, run, BLOCK_L)
+    tile, tensor_row, scratch_row = _locate_tile(tiles, meta, scratch, TCOL)
+    first_group, n_groups, layout, group_size = _tile_layout(tile, tensor_row, BLOCK_L)
+    row_begin, row_end, mask_groups = _tile_rows(tile, scratch_row, n_groups)
+    threshold = _group_threshold(scratch_row, group_size, F, FP64)
+    p_ptr = tl.load(tensor_row + COL_P).to(tl.pointer_type(P))
+    w0_ptr = tl.load(tensor_row + COL_W0).to(tl.pointer_type(I))
+    v_ptr = tl.load(tensor_row + COL_V).to(tl.pointer_type(F))
+    beta = tl.load(scratch_row + SCR_BETA)
+    partial_slot = tl.load(tile + TILE_PARTIAL_SLOT)
+    first_slot = tl.load(tile + TILE_FIRST_SLOT)
+    n_slots = tl.load(tile + TILE_N_SLOTS)
+    tile_rows = tl.arange(0, BLOCK_R).to(tl.int64)
+    tile_cols = tl.arange(0, BLOCK_L)
+    group_ids = tl.arange(0, BLOCK_G)
+    group_sumsq = tl.zeros([BLOCK_G], F)
+    for k in range(0, n_slots):  # same order in every chunk's program: same norm, same mask
+        group_sumsq += tl.load(partial + (first_slot + k) * BLOCK_G + group_ids)
+    scale, zero = _group_scale(group_sumsq, threshold, FP64)
+    in_group = _column_groups(tile_cols, group_ids, layout)
+    col_scale = tl.sum(tl.where(in_group, scale[:, None], 0.0), axis=0)
+    c, one_minus_c = momentum_weights(hyper, F)
+    for r in range(row_begin, row_end, BLOCK_R):
+        offs, m = _tile_offsets(r + tile_rows, tile_cols, layout, row_end, BLOCK_L)
         v = tl.load(v_ptr + offs, mask=m, other=0.0)
         w0 = tl.load(w0_ptr + offs, mask=m, other=0.0).to(F)
-        z = w0 - (v / beta if FP64 else tl.math.div_rn(v, beta))
+        z = w0 - div_exact(v, beta, FP64)
         w = tl.load(p_ptr + offs, mask=m, other=0.0).to(F)
-        w = omc * w + c * (z * scale_c[None, :])
+        w = one_minus_c * w + c * (z * col_scale[None, :])
         tl.store(p_ptr + offs, round_to(w, P, RTNE), mask=m)
-    mask_ptr = tl.load(row + COL_MASK).to(tl.pointer_type(tl.int8))
-    tl.store(mask_ptr + g0 + gg, zero.to(tl.int8), mask=(gg < ng) & (pslot == pfirst))
+    _store_zero_mask(tensor_row, first_group, group_ids, zero,
+                     (group_ids < mask_groups) & (partial_slot == first_slot))
 
 
 def plan(views, block_r: int, block_l: int, block_g: int):
@@ -180,19 +236,19 @@ def plan(views, block_r: int, block_l: int, block_g: int):
     dims, one_pass, chunked = [], [], []
     slots = 0
     chunk_rows = CHUNK_ITERS * block_r
-    for tid, (outer, groups, inner) in enumerate(views):
-        bg = block_g if inner == 0 else max(1, min(block_g, block_l // inner))
-        dims.append((outer, groups, inner, bg))
-        for g0 in range(0, groups, bg):
-            run = min(bg, groups - g0) * inner
-            nrows = outer * max(1, triton.cdiv(run, block_l))
-            if nrows <= block_r:
-                one_pass.append((tid, g0, 0, nrows, -1, -1, 0, 0))
+    for tensor, (outer, groups, inner) in enumerate(views):
+        tile_groups = block_g if inner == 0 else max(1, min(block_g, block_l // inner))
+        dims.append((outer, groups, inner, tile_groups))
+        for first_group in range(0, groups, tile_groups):
+            run = min(tile_groups, groups - first_group) * inner
+            n_rows = outer * max(1, triton.cdiv(run, block_l))
+            if n_rows <= block_r:
+                one_pass.append((tensor, first_group, 0, n_rows, -1, -1, 0, 0))
                 continue
-            starts = range(0, nrows, chunk_rows)
-            for k, r in enumerate(starts):
-                chunked.append((tid, g0, r, min(r + chunk_rows, nrows), slots + k, slots,
-                                len(starts), 0))
+            starts = range(0, n_rows, chunk_rows)
+            for k, row in enumerate(starts):
+                chunked.append((tensor, first_group, row, min(row + chunk_rows, n_rows),
+                                slots + k, slots, len(starts), 0))
             slots += len(starts)
     return dims, one_pass, chunked, slots
 
@@ -201,46 +257,43 @@ _PLAN_CACHE = LRUCache(64)
 
 
 def rmda_grouped_step_(
-    params, grads, initials, duals, steps, alphas, masks, views, *, grouping: str,
-    hyper: torch.Tensor, lr: torch.Tensor | None, grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None, tile: tuple[int, int, int] | None = None, num_warps: int = 8,
+    batch: StepBatch, *, grouping: str, hyper: torch.Tensor, lr: torch.Tensor | None,
+    grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+    tile: tuple[int, int, int] | None = None, num_warps: int = 8,
 ) -> int:
-    """One RMDA step with channel group LASSO for a dtype bucket (shared dtypes, device).
+    """One RMDA step with channel group LASSO for a one-bucket batch (one device, one dtype
+    per list, contiguous tensors, the group views of rmda_fused.grouping).
 
-    ``views``: (outer, groups, inner) per tensor, from rmda_fused.grouping; every tensor
-    must be contiguous. ``tile`` overrides (BLOCK_R, BLOCK_L, BLOCK_G) (tests use tiny tiles to
-    exercise the two-pass path on small shapes). Returns the number of launches.
+    ``tile`` overrides (BLOCK_R, BLOCK_L, BLOCK_G) (tests use tiny tiles to exercise the
+    two-pass path on small shapes). Returns the number of launches.
     """
-    if not params:
+    if not len(batch):
         return 0
-    device, fdtype = params[0].device, duals[0].dtype
+    device, state = batch.params[0].device, batch.duals[0].dtype
     block_r, block_l, block_g = tile or TILES[grouping]
-    views = tuple(tuple(v) for v in views)
+    views = tuple(tuple(v) for v in batch.views)
 
     def build():
         dims, one_pass, chunked, slots = plan(views, block_r, block_l, block_g)
         return (dims, len(one_pass) + len(chunked), len(chunked),
                 to_device(one_pass + chunked, device),
                 to_device(chunked, device),
-                torch.empty(max(slots, 1) * block_g, dtype=fdtype, device=device),
-                torch.empty(len(params), NSCR.value, dtype=fdtype, device=device))
+                torch.empty(max(slots, 1) * block_g, dtype=state, device=device),
+                torch.empty(len(batch), NSCR.value, dtype=state, device=device))
 
     dims, n_tiles, n_chunked, tiles, chunk_tiles, partial, scratch = _PLAN_CACHE.get(
-        (str(device), views, block_r, block_l, block_g, fdtype), build)
-    meta = cached_meta("grouped", params, grads, initials, duals, steps, alphas, masks, dims,
-                       device)
-    rmda_scalars_(meta, scratch, len(params), hyper, lr, grad_scale, found_inf)
+        (str(device), views, block_r, block_l, block_g, state), build)
+    meta = cached_meta("grouped", batch, dims, device)
+    rmda_scalars_(meta, scratch, len(batch), hyper, lr, grad_scale, found_inf)
     if n_tiles == 0:
         return 1
-    fp64 = fdtype == torch.float64
-    types = dict(P=TORCH_TO_TL[params[0].dtype], I=TORCH_TO_TL[initials[0].dtype],
-                 F=TORCH_TO_TL[fdtype], FP64=fp64)
-    blocks = dict(TCOL=TCOL, RTNE=emulate_bf16_rtne(params[0].dtype), BLOCK_R=block_r,
+    dtypes = kernel_dtypes(batch)
+    blocks = dict(TCOL=TCOL, RTNE=emulate_bf16_rtne(batch.params[0].dtype), BLOCK_R=block_r,
                   BLOCK_L=block_l, BLOCK_G=block_g, num_warps=num_warps)
-    _rmda_grouped_kernel[(n_tiles,)](meta, tiles, scratch, hyper, partial,
-                                     G=TORCH_TO_TL[grads[0].dtype], **types, **blocks)
+    _rmda_grouped_kernel[(n_tiles,)](meta, tiles, scratch, hyper, partial, **dtypes, **blocks)
     if n_chunked == 0:
         return 2
+    del dtypes["G"]  # the apply kernel never reads the gradient
     _rmda_grouped_apply_kernel[(n_chunked,)](meta, chunk_tiles, scratch, hyper, partial,
-                                             **types, **blocks)
+                                             **dtypes, **blocks)
     return 3

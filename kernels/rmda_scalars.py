@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    COL_ALPHA, COL_STEP, HYP_LAM, HYP_LR, NCOL, NSCR, SCR_BETA, SCR_SCALE, SCR_SKIP, SCR_TAU,
+    COL_ALPHA, COL_STEP, HYP_LAM, HYP_LR, NCOL, NSCR, SCR_BETA, SCR_GRAD_WEIGHT, SCR_SKIP,
+    SCR_TAU, div_exact, sqrt_exact,
 )
 
 BLOCK_T = 128
@@ -24,24 +25,26 @@ BLOCK_T = 128
 @triton.jit(do_not_specialize=["n_tensors"])
 def _rmda_scalars_kernel(
     meta, scratch, n_tensors, hyper, lr_ptr, scale_ptr, inf_ptr,
-    F: tl.constexpr, FP64: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
-    BLOCK: tl.constexpr,
+    F: tl.constexpr, FP64: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = i < n_tensors
     row = meta + i.to(tl.int64) * NCOL
     t_ptr = tl.load(row + COL_STEP, mask=valid, other=0).to(tl.pointer_type(F))
     a_ptr = tl.load(row + COL_ALPHA, mask=valid, other=0).to(tl.pointer_type(F))
+    if HAS_LR_TENSOR:  # the caller's one-element lr tensor
+        lr = tl.load(lr_ptr).to(F)
+    else:
+        lr = tl.load(hyper + HYP_LR).to(F)
     t = tl.load(t_ptr, mask=valid, other=0.0) + 1.0
-    # fp32 sqrt and "/" are approximate on GPUs: the _rn forms round like the reference
-    beta = tl.sqrt(t) if FP64 else tl.sqrt_rn(t)
-    s = beta * tl.load(lr_ptr + HYP_LR).to(F)
+    beta = sqrt_exact(t, FP64)
+    s = beta * lr
     alpha = tl.load(a_ptr, mask=valid, other=0.0) + s
-    tau = (alpha / beta if FP64 else tl.math.div_rn(alpha, beta)) * tl.load(hyper + HYP_LAM).to(F)
+    tau = div_exact(alpha, beta, FP64) * tl.load(hyper + HYP_LAM).to(F)
     grad_weight = s
     if HAS_SCALE:  # V += (s / grad_scale) * g: the gradient is unscaled through s
-        grad_scale = tl.load(scale_ptr).to(F)
-        grad_weight = s / grad_scale if FP64 else tl.math.div_rn(s, grad_scale)
+        grad_weight = div_exact(s, tl.load(scale_ptr).to(F), FP64)
     skip = tl.zeros([BLOCK], F)
     if HAS_INF:
         skip += (tl.load(inf_ptr) != 0).to(F)
@@ -50,7 +53,7 @@ def _rmda_scalars_kernel(
     tl.store(a_ptr, alpha, mask=write)
     out = scratch + i.to(tl.int64) * NSCR
     tl.store(out + SCR_BETA, beta, mask=valid)
-    tl.store(out + SCR_SCALE, grad_weight, mask=valid)
+    tl.store(out + SCR_GRAD_WEIGHT, grad_weight, mask=valid)
     tl.store(out + SCR_TAU, tau, mask=valid)
     tl.store(out + SCR_SKIP, skip, mask=valid)
 
@@ -64,12 +67,13 @@ def rmda_scalars_(meta: torch.Tensor, scratch: torch.Tensor, n_tensors: int,
     if n_tensors == 0:
         return
     fp64 = scratch.dtype == torch.float64
-    lr_ptr = hyper if lr is None else lr
+    # an absent tensor is passed as ``hyper``: the kernel needs a pointer it never reads
     _rmda_scalars_kernel[(triton.cdiv(n_tensors, BLOCK_T),)](
-        meta, scratch, n_tensors, hyper, lr_ptr,
+        meta, scratch, n_tensors, hyper,
+        hyper if lr is None else lr,
         hyper if grad_scale is None else grad_scale,
         hyper if found_inf is None else found_inf,
-        F=tl.float64 if fp64 else tl.float32, FP64=fp64,
+        F=tl.float64 if fp64 else tl.float32, FP64=fp64, HAS_LR_TENSOR=lr is not None,
         HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
         BLOCK=BLOCK_T, num_warps=4,
     )

@@ -1,5 +1,6 @@
-"""Helpers of the Triton kernel tests: parameter state, a step through the backend, and an
-independent float64 statement of SPEC.md (no rmda_fused code) to compare against."""
+"""Helpers of the Triton kernel tests: parameter state, a step through a backend, and an
+independent float64 statement of docs/algorithm.md, "The update" (no rmda_fused code) to
+compare against."""
 from __future__ import annotations
 
 import math
@@ -8,11 +9,8 @@ import torch
 
 from rmda_fused.backends import reference
 from rmda_fused.backends import triton as triton_backend
+from rmda_fused.batch import StepBatch, StepOptions, state_dtype
 from rmda_fused.grouping import group_view, num_groups
-
-
-def state_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class Params:
@@ -47,11 +45,13 @@ class Params:
 
     def step(self, grads, backend=triton_backend, lr=0.05, momentum=0.2, lam=0.5,
              grad_scale=None, found_inf=None):
-        views = [group_view(p.shape, self.grouping) for p in self.p]
         return backend.rmda_step_(
-            self.p, grads, self.w0, self.v, self.t, self.a, self.m, views, lr=lr,
-            momentum=momentum, lam=lam, grouping=self.grouping, grad_scale=grad_scale,
-            found_inf=found_inf)
+            self.batch(grads),
+            StepOptions(lr, momentum, lam, self.grouping, grad_scale, found_inf))
+
+    def batch(self, grads):
+        views = [group_view(p.shape, self.grouping) for p in self.p]
+        return StepBatch(self.p, list(grads), self.w0, self.v, self.t, self.a, self.m, views)
 
     def restart(self):
         for p, w0, v, t, a in zip(self.p, self.w0, self.v, self.t, self.a):
@@ -65,8 +65,36 @@ def reference_step(params: Params, grads, **kw):
     return params.step(grads, backend=reference, **kw)
 
 
+def functional_step(params: Params, grads, lr=0.05, momentum=0.2, lam=0.5):
+    """A step through rmda_fused.functional with backend='triton': validated, and split
+    between the kernels and the reference backend as the optimizer's steps are."""
+    import warnings
+
+    from rmda_fused.functional import rmda_step
+
+    with warnings.catch_warnings():  # the fallback warning is the functional core's to test
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rmda_step(params.p, list(grads), params.w0, params.v, params.t, params.a, params.m,
+                  lr=lr, momentum=momentum, lam=lam, grouping=params.grouping,
+                  backend="triton")
+
+
+def spy_on_triton(monkeypatch) -> list[StepBatch]:
+    """The batches the triton backend receives from now on (it still runs them)."""
+    received = []
+    step = triton_backend.rmda_step_
+
+    def spy(batch, options):
+        received.append(batch)
+        return step(batch, options)
+
+    monkeypatch.setattr(triton_backend, "rmda_step_", spy)
+    return received
+
+
 class Float64:
-    """SPEC.md in float64, one tensor at a time; W rounded to the parameter dtype per write."""
+    """docs/algorithm.md, "The update", in float64, one tensor at a time; W rounded to the
+    parameter dtype per write."""
 
     def __init__(self, params: Params):
         self.grouping = params.grouping

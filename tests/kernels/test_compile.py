@@ -47,8 +47,10 @@ SCRIPT = textwrap.dedent('''
 
     for fp64, P in ((False, tl.float32), (False, tl.bfloat16), (True, tl.float64)):
         F = tl.float64 if fp64 else tl.float32
-        compile(S._rmda_scalars_kernel, fp64, 4, F=F, FP64=fp64, HAS_SCALE=True,
-                HAS_INF=True, BLOCK=S.BLOCK_T)
+        for has_lr_tensor in (False, True):
+            compile(S._rmda_scalars_kernel, fp64, 4, F=F, FP64=fp64,
+                    HAS_LR_TENSOR=has_lr_tensor, HAS_SCALE=True, HAS_INF=True,
+                    BLOCK=S.BLOCK_T)
         for prox in (False, True):
             compile(E._rmda_elementwise_kernel, fp64, 8, P=P, G=P, I=P, F=F, FP64=fp64,
                     PROX=prox, RTNE=False, BLOCK=E.BLOCK)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kernel_testing import Float64, Params, check_close, grads_for, reference_step
+from rmda_fused.batch import state_dtype
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def test_mixed_dtypes_make_one_bucket_each(device):
     dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float32]
     params = Params([(40,)] * len(dtypes), "elementwise", device=device)
     for i, dt in enumerate(dtypes):
-        f = torch.float64 if dt == torch.float64 else torch.float32
+        f = state_dtype(dt)
         params.p[i] = params.p[i].to(dt)
         params.w0[i] = params.w0[i].to(dt)
         params.v[i], params.t[i], params.a[i] = (x.to(f) for x in (params.v[i], params.t[i],
@@ -111,20 +112,26 @@ def test_tables_are_cached_while_pointers_are_unchanged(device):
         torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
 
 
-def test_channels_last(device):
-    shape = (4, 3, 3, 3)
-    none = Params([shape], "none", device=device)
+@pytest.mark.parametrize("grouping", ["none", "elementwise"])
+def test_channels_last_never_reaches_the_kernels(device, grouping, monkeypatch):
+    """The fused kernels take contiguous tensors only: through the functional core a
+    channels_last parameter runs on the reference backend, the contiguous ones of the same
+    step on the kernels."""
+    from kernel_testing import functional_step, spy_on_triton
+
+    params = Params([(4, 3, 3, 3), (7,)], grouping, device=device)
     for key in ("p", "w0", "v"):
-        getattr(none, key)[0] = getattr(none, key)[0].contiguous(memory_format=torch.channels_last)
-    expected = none.clone()
-    grad = torch.randn(shape).to(device).contiguous(memory_format=torch.channels_last)
-    none.step([grad])  # no groups: any dense layout shared by W, g, W0, V is fine
-    reference_step(expected, [grad])
-    torch.testing.assert_close(none.p[0], expected.p[0], rtol=1e-6, atol=1e-7)
-    l1 = Params([shape], "elementwise", device=device)
-    l1.p[0] = l1.p[0].contiguous(memory_format=torch.channels_last)
-    with pytest.raises(ValueError, match="not contiguous"):
-        l1.step([grad])
+        getattr(params, key)[0] = getattr(params, key)[0].contiguous(
+            memory_format=torch.channels_last)
+    expected = params.clone()
+    grads = grads_for(params, torch.Generator().manual_seed(9))
+    grads[0] = grads[0].contiguous(memory_format=torch.channels_last)
+    fused = spy_on_triton(monkeypatch)
+    functional_step(params, grads)
+    reference_step(expected, grads)
+    assert [[tuple(p.shape) for p in batch.params] for batch in fused] == [[(7,)]]
+    for mine, theirs in zip(params.p, expected.p):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
 
 
 def test_handles_only_the_device_it_was_built_for(device):

@@ -1,5 +1,5 @@
 """kernels/rmda_grouped.py (input_channel / output_channel) through the triton backend,
-against an independent float64 statement of SPEC.md and the reference backend."""
+against an independent float64 statement of docs/algorithm.md and the reference backend."""
 from __future__ import annotations
 
 import pytest
@@ -156,9 +156,21 @@ def test_launch_budget_and_no_respecialization(device, monkeypatch):
             assert compiled() == variants, "an lr change compiled a new kernel variant"
 
 
-def test_channels_last_is_rejected_clearly(device):
-    params = Params([(6, 4, 3, 3)], "input_channel", device=device)
+def test_channels_last_never_reaches_the_kernels(device, monkeypatch):
+    """The grouped kernels need the contiguous (outer, groups, inner) view: through the
+    functional core a channels_last parameter runs on the reference backend, the
+    contiguous ones of the same step on the kernels."""
+    from kernel_testing import functional_step, spy_on_triton
+
+    params = Params([(6, 4, 3, 3), (5, 3, 3, 3)], "input_channel", device=device)
     params.p[0] = params.p[0].to(memory_format=torch.channels_last)
-    grads = [torch.zeros_like(params.p[0])]
-    with pytest.raises(ValueError, match="contiguous"):
-        params.step(grads)
+    expected = params.clone()
+    grads = grads_for(params, torch.Generator().manual_seed(8))
+    fused = spy_on_triton(monkeypatch)
+    functional_step(params, grads)
+    reference_step(expected, grads)
+    assert [[tuple(p.shape) for p in batch.params] for batch in fused] == [[(5, 3, 3, 3)]]
+    for mine, theirs in zip(params.p, expected.p):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(params.m, expected.m):
+        assert torch.equal(mine, theirs)
