@@ -14,7 +14,7 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(rmda_fused, m) {
-  // One RMDA step (SPEC.md) over aligned lists of tensors that share lr, momentum and lam.
+  // One RMDA step (docs/algorithm.md, "The update") over aligned lists of tensors that share lr, momentum and lam.
   // views: (outer, groups, inner) per tensor, flattened; empty for grouping 'none', and then
   // zero_groups is empty too. lr_tensor, if given, overrides lr (a device scalar lets a CUDA
   // step run without host syncs and under graph capture). grad_scale divides the gradients;

@@ -1,4 +1,5 @@
-// CUDA kernel of rmda_fused::rmda_step_ (SPEC.md): one fused, multi-tensor RMDA step.
+// CUDA kernel of rmda_fused::rmda_step_ (docs/algorithm.md, "The update"): one fused,
+// multi-tensor RMDA step.
 //
 // Tensors are bucketed by (dtype, mode); each bucket is cut into tables of up to kMaxTensors
 // tensors that travel as a kernel parameter (no device buffer to upload, nothing to keep

@@ -1,11 +1,13 @@
 """The C++/CUDA extension ``rmda_fused._C``: its build recipe, and loading it at run time.
 
-One recipe (:func:`build_spec`) serves both ``setup.py`` (ahead-of-time build) and the JIT
-build through ``torch.utils.cpp_extension.load``, so the two can never differ. At run time
-:func:`load` imports the compiled ``rmda_fused._C``; if this checkout was never built it
-compiles the sources once (a message says so, ninja caches the result under
-``TORCH_EXTENSIONS_DIR``). Build errors are kept with the compiler's message and reported by
-the cpp/cuda backends' ``unavailable_reason()``; nothing falls back silently.
+One recipe (:func:`build_spec`) serves both ``setup.py`` (ahead-of-time build, what
+``pip install`` runs) and the JIT build through ``torch.utils.cpp_extension.load``, so the two
+can never differ. At run time :func:`load` imports the compiled ``rmda_fused._C``; if it is
+missing it compiles the sources once (a message says so; ninja caches the result under
+``TORCH_EXTENSIONS_DIR``). The sources ship inside the package (``rmda_fused/csrc``), so the
+fallback works from an installed wheel as well as from a checkout. Build errors are kept
+with the compiler's message and reported by the cpp/cuda backends' ``unavailable_reason()``;
+nothing falls back silently.
 
 Environment:
 - ``RMDA_FUSED_BUILD_CUDA``: ``1`` builds the CUDA kernels even without a GPU (compile-only
@@ -25,8 +27,8 @@ import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CSRC = "csrc"
-CPU_SOURCES = [f"{CSRC}/bindings.cpp", f"{CSRC}/rmda_cpu.cpp"]
+CSRC = "csrc"  # relative to the repository root; installed as rmda_fused/csrc
+CPU_SOURCES = [f"{CSRC}/bindings.cpp", f"{CSRC}/rmda_cpu.cpp", f"{CSRC}/cpu/work_plan.cpp"]
 CUDA_SOURCES = [f"{CSRC}/rmda_cuda.cu"]
 EXTENSION_NAME = "rmda_fused._C"
 # x86-64 builds assume AVX2+FMA (every x86 server CPU since 2013); load() refuses a CPU
@@ -82,15 +84,21 @@ def _openmp_flags() -> list[str]:
     return []
 
 
+def source_root() -> Path:
+    """The folder holding ``csrc/``: the package itself once installed, else the checkout."""
+    installed = Path(__file__).resolve().parent
+    return installed if (installed / CSRC).is_dir() else ROOT
+
+
 def build_spec(with_cuda: bool) -> dict:
-    """Sources (relative to the repo root), flags and include dirs of the extension."""
+    """Sources (relative to :func:`source_root`), flags and include dirs of the extension."""
     openmp = _openmp_flags()
     cxx = ["-O3", *_cpu_arch_flags(), *openmp]  # torch's cpp_extension picks the C++ standard
     spec = {
         "sources": CPU_SOURCES + (CUDA_SOURCES if with_cuda else []),
         "extra_compile_args": {"cxx": cxx},
         "extra_link_args": openmp,
-        "include_dirs": [str(ROOT / CSRC)],
+        "include_dirs": [str(source_root() / CSRC)],
     }
     if with_cuda:
         spec["extra_compile_args"]["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
@@ -115,7 +123,7 @@ def _jit_build(with_cuda: bool) -> None:
     )
     cpp_extension.load(
         name="rmda_fused_C" + ("_cuda" if with_cuda else ""),
-        sources=[str(ROOT / s) for s in spec["sources"]],
+        sources=[str(source_root() / s) for s in spec["sources"]],
         extra_cflags=spec["extra_compile_args"]["cxx"],
         extra_cuda_cflags=spec["extra_compile_args"].get("nvcc"),
         extra_ldflags=spec["extra_link_args"],
@@ -147,13 +155,13 @@ def _load() -> None:
         if os.environ.get("RMDA_FUSED_NO_JIT") == "1":
             raise RuntimeError(
                 "rmda_fused._C is not built and RMDA_FUSED_NO_JIT=1 forbids compiling it now; "
-                "build it with `pip install --no-build-isolation -e .`"
+                "build it with `pip install --no-build-isolation .` (or `-e .`)"
             ) from None
         _jit_build(want_cuda())
     except ImportError as exc:
         raise RuntimeError(
             f"rmda_fused._C exists but does not load ({exc}); it was probably built against "
-            "another torch: rebuild with `pip install --no-build-isolation -e .`"
+            "another torch: rebuild with `pip install --no-build-isolation .` (or `-e .`)"
         ) from exc
     _register_fake(torch)
 
@@ -162,7 +170,7 @@ def _register_fake(torch) -> None:
     # The op only mutates its inputs, so under FakeTensor / torch.compile tracing it does
     # nothing; this is what lets torch.compile and opcheck see through it.
     @torch.library.register_fake("rmda_fused::rmda_step_")
-    def _(params, grads, initials, duals, steps, alphas, zero_groups, views, lr, momentum, lam,
+    def _(params, grads, initials, duals, steps, alphas, zero_masks, views, lr, momentum, lam,
           lr_tensor=None, grad_scale=None, found_inf=None):
         return None
 
