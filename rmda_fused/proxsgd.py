@@ -2,7 +2,7 @@
 
 torch's SGD with momentum, then the proximal step of the same regularizer (group LASSO / L1
 as in :mod:`rmda_fused.grouping`) with threshold ``lr * lam``. Its zero groups are recorded
-in ``state[p]["zero_groups"]`` like RMDA's, so :mod:`rmda_fused.structure` and
+in ``state[p]["zero_mask"]`` like RMDA's, so :mod:`rmda_fused.structure` and
 :class:`~rmda_fused.IdentificationTracker` report on it the same way (its iterate is its
 prox point). It is a reference-speed baseline, not a fused kernel.
 """
@@ -55,11 +55,13 @@ class ProxSGD(torch.optim.SGD):
             tau = group["lr"] * group["lam"]
             for p in group["params"]:
                 if p.grad is not None:
-                    self.state[p]["zero_groups"] = group_prox_(p, tau, group["grouping"])
+                    self.state[p]["zero_mask"] = group_prox_(p, tau, group["grouping"])
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         for state in self.state.values():  # torch casts every floating state to the param dtype
-            if "zero_groups" in state:
-                state["zero_groups"] = state["zero_groups"].bool()
+            if "zero_groups" in state:  # the key's name before it was renamed
+                state["zero_mask"] = state.pop("zero_groups")
+            if "zero_mask" in state:
+                state["zero_mask"] = state["zero_mask"].bool()

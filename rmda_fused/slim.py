@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .grouping import zero_groups
+from .grouping import zero_group_mask
 
 __all__ = ["SelectInputs", "slim", "compare", "export_slim"]
 
@@ -61,7 +61,7 @@ def _is_dense_consumer(module: nn.Module) -> bool:
 
 def _zero_inputs(module: nn.Module) -> Tensor:
     """One bool per input channel (column) of a conv/linear weight: is W[:, i, ...] all 0?"""
-    return zero_groups(module.weight.detach(), "input_channel").cpu()
+    return zero_group_mask(module.weight.detach(), "input_channel").cpu()
 
 
 def _removable(graph: Any, group: Any) -> list[int]:

@@ -1,7 +1,7 @@
 """What users watch: group sparsity of W and of the prox point z, and structure identification.
 
 RMDA's theorem is about z (the paper's W-tilde): its zero pattern stops changing after
-finitely many steps. Every step records z's zero groups in ``optimizer.state[p]["zero_groups"]``
+finitely many steps. Every step records z's zero groups in ``optimizer.state[p]["zero_mask"]``
 on the device; the functions here only read those masks (no extra pass over the weights) and
 touch the host only when a report is asked for.
 """
@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from .grouping import group_view, zero_groups
+from .grouping import group_view, zero_group_mask
 
 
 @dataclass(frozen=True)
@@ -22,13 +22,13 @@ class TensorSparsity:
     shape: tuple[int, ...]
     grouping: str
     groups: int
-    zero_groups: int
+    zero_count: int
     group_size: int
 
     @property
     def fraction(self) -> float:
         """Fraction of this tensor's groups that are exactly zero."""
-        return self.zero_groups / self.groups if self.groups else 0.0
+        return self.zero_count / self.groups if self.groups else 0.0
 
 
 @dataclass(frozen=True)
@@ -41,25 +41,25 @@ class SparsityReport:
         return sum(t.groups for t in self.tensors)
 
     @property
-    def zero_groups(self) -> int:
-        return sum(t.zero_groups for t in self.tensors)
+    def zero_count(self) -> int:
+        return sum(t.zero_count for t in self.tensors)
 
     @property
     def fraction(self) -> float:
         """Model-wide fraction of groups that are exactly zero (each group counts once)."""
-        return self.zero_groups / self.groups if self.groups else 0.0
+        return self.zero_count / self.groups if self.groups else 0.0
 
     @property
     def weighted_fraction(self) -> float:
         """Model-wide fraction of regularized entries that lie in a zero group."""
         total = sum(t.groups * t.group_size for t in self.tensors)
-        zero = sum(t.zero_groups * t.group_size for t in self.tensors)
+        zero = sum(t.zero_count * t.group_size for t in self.tensors)
         return zero / total if total else 0.0
 
     def __str__(self) -> str:
-        lines = [f"group sparsity of {self.of}: {self.zero_groups}/{self.groups} groups "
+        lines = [f"group sparsity of {self.of}: {self.zero_count}/{self.groups} groups "
                  f"({self.fraction:.1%}), {self.weighted_fraction:.1%} of entries"]
-        lines += [f"  {t.name:<40} {str(t.shape):<20} {t.zero_groups:>6}/{t.groups:<6} "
+        lines += [f"  {t.name:<40} {str(t.shape):<20} {t.zero_count:>6}/{t.groups:<6} "
                   f"{t.fraction:6.1%}" for t in self.tensors]
         return "\n".join(lines)
 
@@ -79,12 +79,12 @@ def _zero_masks(optimizer: torch.optim.Optimizer, of: str) -> list[Tensor]:
     masks = []
     for p, grouping in _regularized(optimizer):
         state = optimizer.state.get(p, {})
-        if of == "z" and "zero_groups" in state:
-            masks.append(state["zero_groups"])
+        if of == "z" and "zero_mask" in state:
+            masks.append(state["zero_mask"])
         elif of == "z":  # no step yet: z is undefined, report no zero group
             masks.append(torch.zeros(group_view(p.shape, grouping).groups, dtype=torch.bool, device=p.device))
         else:
-            masks.append(zero_groups(p, grouping))
+            masks.append(zero_group_mask(p, grouping))
     return masks
 
 
@@ -104,7 +104,7 @@ def group_sparsity(
         view = group_view(p.shape, grouping)
         tensors.append(TensorSparsity(
             name=names.get(id(p), f"param {i}"), shape=tuple(p.shape), grouping=grouping,
-            groups=view.groups, zero_groups=int(count), group_size=view.group_size,
+            groups=view.groups, zero_count=int(count), group_size=view.group_size,
         ))
     return SparsityReport(of=of, tensors=tensors)
 

@@ -32,7 +32,7 @@ SCENARIO = [
         ("conv_l1", (6, 4, 3, 3), "randn", "dense"),
         ("empty_l1", (4, 0), "randn", "dense"),
     ]),
-    # lam is set but grouping "none" ignores it (SPEC.md); the reference ignores it too
+    # lam is set but grouping "none" ignores it (docs/algorithm.md); the reference ignores it too
     dict(grouping="none", lr=0.05, momentum=0.5, lam=0.05, params=[
         ("bias_a", (6,), "randn", "dense"),
         ("bias_b", (10,), "randn", "every3"),
@@ -280,20 +280,20 @@ def compare(opt, params, ref, tol=None, band=None, check_masks=True):
         if not ok:
             failures.append(f"{name}: initial rel err {e:.3g} > {t:.3g} (+ abs {rounding:.3g})")
         if og["grouping"] == "none":
-            if "zero_groups" in state:
-                failures.append(f"{name}: grouping 'none' has a zero_groups mask")
+            if "zero_mask" in state:
+                failures.append(f"{name}: grouping 'none' has a zero_mask")
         elif check_masks and st.zero is not None:
             # rounding of W0 (low precision) moves z's norms by up to ~ the W bound
             b = band if band is not None else max(1e-4, 10 * (rounding / max(st.absmax, 1e-300) + t))
-            mask = state["zero_groups"]
+            mask = state["zero_mask"]
             if mask.dtype != torch.bool or mask.shape != st.zero.shape:
-                failures.append(f"{name}: zero_groups is {mask.dtype} {tuple(mask.shape)}, the "
+                failures.append(f"{name}: zero_mask is {mask.dtype} {tuple(mask.shape)}, the "
                                 f"reference has {tuple(st.zero.shape)} groups")
                 continue
             wrong, _ = mask_mismatches(mask, st, b)
             if wrong:
-                failures.append(f"{name}: {wrong} zero_groups differ from the reference's "
-                                f"{st.zero.tolist()} vs {state['zero_groups'].tolist()}")
+                failures.append(f"{name}: {wrong} zero_mask entries differ from the reference's "
+                                f"{st.zero.tolist()} vs {state['zero_mask'].tolist()}")
     return failures
 
 

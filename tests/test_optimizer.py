@@ -68,19 +68,19 @@ def test_matches_float64_reference(backend, device, dtype, steps):
             assert torch.isfinite(opt.state[p][key]).all()
     conv_a, _, _, empty_conv, conv_b, fc_zero, empty_fc, conv_l1, empty_l1, bias_a, bias_b = params
     # input channel 1 of conv_a starts at 0 and gets 0 gradient: ||z_G|| == 0 -> zero, no NaN
-    assert bool(opt.state[conv_a]["zero_groups"][1])
+    assert bool(opt.state[conv_a]["zero_mask"][1])
     assert torch.equal(conv_a.detach()[:, 1].cpu(), torch.zeros_like(conv_a.detach()[:, 1].cpu()))
     # a zero start with pure-noise gradients: every group of z ends exactly zero
-    assert bool(opt.state[fc_zero]["zero_groups"].all())
+    assert bool(opt.state[fc_zero]["zero_mask"].all())
     # empty tensors: groups of size 0 are zero groups; no groups at all is an empty mask
-    assert opt.state[empty_conv]["zero_groups"].tolist() == [True] * 3
-    assert opt.state[empty_fc]["zero_groups"].tolist() == [True] * 4
-    assert opt.state[empty_l1]["zero_groups"].numel() == 0
+    assert opt.state[empty_conv]["zero_mask"].tolist() == [True] * 3
+    assert opt.state[empty_fc]["zero_mask"].tolist() == [True] * 4
+    assert opt.state[empty_l1]["zero_mask"].numel() == 0
     # grouping 'none' keeps no mask
-    assert "zero_groups" not in opt.state[bias_a]
+    assert "zero_mask" not in opt.state[bias_a]
     # the mask has one entry per group, as the grouping defines it
-    assert opt.state[conv_b]["zero_groups"].shape == (7,)
-    assert opt.state[conv_l1]["zero_groups"].shape == (6 * 4 * 3 * 3,)
+    assert opt.state[conv_b]["zero_mask"].shape == (7,)
+    assert opt.state[conv_l1]["zero_mask"].shape == (6 * 4 * 3 * 3,)
     # params skipped every third step took fewer steps since the restart
     restart = Schedule(steps).restart
     assert float(opt.state[bias_a]["step"]) == steps - restart
@@ -110,7 +110,7 @@ def test_low_precision_params(backend, device, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_momentum_one_makes_w_the_prox_point(backend, device, dtype):
-    """c = 1: W <- z, so W's zero groups are exactly the zero_groups mask."""
+    """c = 1: W <- z, so W's zero groups are exactly the zero_mask."""
     opt, params, ref, failures = _checked_run(backend, device, dtype, 30, momentum=1.0)
     assert not failures, "\n".join(failures)
     checked = 0
@@ -125,9 +125,9 @@ def test_momentum_one_makes_w_the_prox_point(backend, device, dtype):
                 w_zero = [bool((w[o] == 0).all()) for o in range(w.shape[0])]
             else:
                 w_zero = (w == 0).flatten().tolist()
-            assert opt.state[p]["zero_groups"].cpu().tolist() == w_zero
-            assert torch.equal(opt.state[p]["zero_groups"].cpu(), st.zero) or \
-                mask_mismatches(opt.state[p]["zero_groups"], st, 1e-4)[0] == 0
+            assert opt.state[p]["zero_mask"].cpu().tolist() == w_zero
+            assert torch.equal(opt.state[p]["zero_mask"].cpu(), st.zero) or \
+                mask_mismatches(opt.state[p]["zero_mask"], st, 1e-4)[0] == 0
             checked += sum(w_zero)
     assert checked >= 10  # W really has exact zero groups
 

@@ -99,6 +99,6 @@ def test_groups_drive_rmda():
     assert not torch.equal(net.fc.weight.detach(), before["fc.weight"])
     assert not torch.equal(net.ln.bias.detach(), before["ln.bias"])
     # the regularized group keeps masks; biases and norms (grouping 'none') do not
-    assert "zero_groups" in opt.state[net.conv.weight]
-    assert "zero_groups" not in opt.state[net.conv.bias]
-    assert "zero_groups" not in opt.state[net.bn.weight]
+    assert "zero_mask" in opt.state[net.conv.weight]
+    assert "zero_mask" not in opt.state[net.conv.bias]
+    assert "zero_mask" not in opt.state[net.bn.weight]

@@ -37,7 +37,7 @@ def test_matches_sgd_then_prox(shape):
         with torch.no_grad():
             q.copy_(_soft_threshold_columns(q, lr * lam))
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
-    zero = prox.state[p]["zero_groups"]
+    zero = prox.state[p]["zero_mask"]
     assert zero[1] and not zero.all()
     assert torch.equal(zero, torch.tensor([bool((q[:, i] == 0).all()) for i in range(shape[1])]))
 
@@ -48,7 +48,7 @@ def test_state_dict_keeps_bool_masks_and_validation():
     p.grad = torch.randn(4, 3)
     opt.step()
     opt.load_state_dict(opt.state_dict())
-    assert opt.state[p]["zero_groups"].dtype == torch.bool
+    assert opt.state[p]["zero_mask"].dtype == torch.bool
     with pytest.raises(ValueError, match="weight_decay"):
         rmda_fused.ProxSGD([p], lr=0.1, weight_decay=1e-4)
     with pytest.raises(ValueError, match="shape \\(4,\\)"):

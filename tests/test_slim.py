@@ -11,7 +11,7 @@ from rmda_fused.slim import SelectInputs, compare, export_slim, slim  # noqa: E4
 from rmda_fused.train.models import digits_cnn  # noqa: E402
 
 
-def _resnet18_with_zero_groups() -> nn.Module:
+def _resnet18_with_zero_input_channels() -> nn.Module:
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
     for m in model.modules():  # non-trivial BN: its bias must not leak into removed channels
@@ -35,7 +35,7 @@ def _resnet18_with_zero_groups() -> nn.Module:
 
 
 def test_resnet18_slim_matches_and_shrinks():
-    model = _resnet18_with_zero_groups()
+    model = _resnet18_with_zero_input_channels()
     x = torch.randn(4, 3, 32, 32)
     slimmed = slim(model, x[:1])
     assert model.fc.in_features == 512  # the original is untouched

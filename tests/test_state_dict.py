@@ -11,7 +11,7 @@ import rmda_fused
 from float64_reference import Float64RMDA
 from helpers import GradStream, compare, make_groups, set_grads
 
-STATE_KEYS = ("initial", "dual", "step", "alpha", "zero_groups")
+STATE_KEYS = ("initial", "dual", "step", "alpha", "zero_mask")
 
 
 def precomputed_grads(groups, steps, seed=1):
@@ -121,8 +121,8 @@ def test_state_dtypes_survive_save_and_load(dtype):
         assert s2["step"].dtype == acc and s2["alpha"].dtype == acc
         for key in s:
             assert torch.equal(s[key], s2[key]), key
-    assert opt2.state[p2]["zero_groups"].dtype == torch.bool
-    assert "zero_groups" not in opt2.state[b2]
+    assert opt2.state[p2]["zero_mask"].dtype == torch.bool
+    assert "zero_mask" not in opt2.state[b2]
     # and the loaded optimizer keeps going identically
     g1, g2 = torch.randn_like(p), torch.randn_like(b)
     for o, (q, r) in ((opt, (p, b)), (opt2, (p2, b2))):

@@ -28,16 +28,16 @@ def test_group_sparsity_hand_computed():
 
     rep = group_sparsity(opt, of="W", model=model)
     assert [t.name for t in rep.tensors] == ["0.weight", "4.weight"]  # biases are not regularized
-    assert [(t.groups, t.zero_groups, t.group_size) for t in rep.tensors] == [(3, 1, 36), (4, 2, 5)]
+    assert [(t.groups, t.zero_count, t.group_size) for t in rep.tensors] == [(3, 1, 36), (4, 2, 5)]
     assert rep.tensors[0].fraction == pytest.approx(1 / 3)
     assert rep.tensors[1].fraction == pytest.approx(2 / 4)
-    assert (rep.groups, rep.zero_groups) == (7, 3)
+    assert (rep.groups, rep.zero_count) == (7, 3)
     assert rep.fraction == pytest.approx(3 / 7)
     assert rep.weighted_fraction == pytest.approx((36 + 2 * 5) / (3 * 36 + 4 * 5))
     assert "3/7" in str(rep)
 
     # no step yet: z is not defined, and no group of it is reported zero
-    assert group_sparsity(opt, of="z").zero_groups == 0
+    assert group_sparsity(opt, of="z").zero_count == 0
 
     # lr = 0: z = prox(W0, 0) = W, so z's zero groups are exactly the hand-zeroed ones
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
@@ -46,10 +46,10 @@ def test_group_sparsity_hand_computed():
     opt.step()
     assert all(torch.equal(p.detach(), w) for p, w in zip(model.parameters(), w_before))
     rep_z = group_sparsity(opt, of="z", model=model)
-    assert [(t.groups, t.zero_groups) for t in rep_z.tensors] == [(3, 1), (4, 2)]
+    assert [(t.groups, t.zero_count) for t in rep_z.tensors] == [(3, 1), (4, 2)]
     assert rep_z.weighted_fraction == pytest.approx(46 / 128)
-    assert opt.state[conv.weight]["zero_groups"].tolist() == [False, True, False]
-    assert opt.state[fc.weight]["zero_groups"].tolist() == [True, False, True, False]
+    assert opt.state[conv.weight]["zero_mask"].tolist() == [False, True, False]
+    assert opt.state[fc.weight]["zero_mask"].tolist() == [True, False, True, False]
 
 
 def test_group_sparsity_output_channel_and_elementwise():
@@ -61,7 +61,7 @@ def test_group_sparsity_output_channel_and_elementwise():
     opt = rmda_fused.RMDA([dict(params=[w], grouping="output_channel"),
                            dict(params=[v], grouping="elementwise")], lam=0.1)
     rep = group_sparsity(opt, of="W")
-    assert [(t.groups, t.zero_groups, t.group_size) for t in rep.tensors] == [(4, 1, 27), (10, 3, 1)]
+    assert [(t.groups, t.zero_count, t.group_size) for t in rep.tensors] == [(4, 1, 27), (10, 3, 1)]
     assert rep.weighted_fraction == pytest.approx((27 + 3) / (4 * 27 + 10))
     assert rep.tensors[0].name == "param 0"
     with pytest.raises(ValueError, match="'x'"):
@@ -86,17 +86,17 @@ def _reference_run(steps, momentum=0.1, lam_scale=1.0, on_step=None):
     return opt, params, ref
 
 
-def test_zero_groups_masks_match_reference_exactly():
+def test_zero_masks_match_reference_exactly():
     opt, params, ref = _reference_run(40)
     rep = group_sparsity(opt, of="z")
     states = [st for g in ref.groups if g["grouping"] != "none" for st in g["states"]]
     assert len(rep.tensors) == len(states)
     for t, st in zip(rep.tensors, states):
-        assert t.zero_groups == int(st.zero.sum())
+        assert t.zero_count == int(st.zero.sum())
     regularized = [p for g in opt.param_groups if g["grouping"] != "none" for p in g["params"]]
     for p, st in zip(regularized, states):
-        assert torch.equal(opt.state[p]["zero_groups"], st.zero)
-    assert 0 < rep.zero_groups < rep.groups
+        assert torch.equal(opt.state[p]["zero_mask"], st.zero)
+    assert 0 < rep.zero_count < rep.groups
 
 
 def test_prox_point_and_apply_prox_point():
@@ -106,17 +106,17 @@ def test_prox_point_and_apply_prox_point():
         assert z.dtype == p.dtype and z.shape == p.shape
         assert rel_err(z, st.z) <= 1e-12
     # c = 0.1 < 1: W's groups only decay; z has exact zero groups W does not
-    assert group_sparsity(opt, of="z").zero_groups > group_sparsity(opt, of="W").zero_groups
+    assert group_sparsity(opt, of="z").zero_count > group_sparsity(opt, of="W").zero_count
     opt.apply_prox_point()
     for p, z in zip(params, zs):
         assert torch.equal(p.detach(), z)
     rep_w, rep_z = group_sparsity(opt, of="W"), group_sparsity(opt, of="z")
-    assert [t.zero_groups for t in rep_w.tensors] == [t.zero_groups for t in rep_z.tensors]
+    assert [t.zero_count for t in rep_w.tensors] == [t.zero_count for t in rep_z.tensors]
     for group in opt.param_groups:
         if group["grouping"] == "none":
             continue
         for p in group["params"]:
-            mask = opt.state[p]["zero_groups"]
+            mask = opt.state[p]["zero_mask"]
             w = p.detach()
             if group["grouping"] == "input_channel":
                 assert not w[:, mask].any()
@@ -142,7 +142,7 @@ def test_prox_point_without_a_step_is_w():
 
 def _set_masks(opt, params, masks):
     for p, m in zip(params, masks):
-        opt.state[p]["zero_groups"].copy_(torch.tensor(m))
+        opt.state[p]["zero_mask"].copy_(torch.tensor(m))
 
 
 def test_identification_tracker_on_a_constructed_sequence():
