@@ -3,6 +3,8 @@ the mechanics on a short run, and the promise on the full one."""
 import pytest
 import torch
 
+import rmda_fused
+
 pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 
@@ -28,7 +30,10 @@ def test_short_run_reports_metrics(capsys):
     assert len(epoch_lines) == 8
     assert all("sparsity z" in line and "last change" in line for line in epoch_lines)
     assert "after apply_prox_point()" in out
-    # the effective config is printed first
+    # the first line names the backend the step runs on, then the effective config
+    first = out.splitlines()[0]
+    assert first.startswith("RMDA backend: "), first
+    assert first.split()[2].rstrip(",") in rmda_fused.available_backends()
     assert "config:" in out and any(line.split() == ["preset", "=", "digits"] for line in out.splitlines())
 
 

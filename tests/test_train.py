@@ -129,3 +129,13 @@ def test_command_line_error_exits_non_zero_without_traceback(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "no such directory" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_stays_callable_after_a_run():
+    """``rmda_fused.train.run`` is the function, before and after a run (no submodule of that
+    name replaces it on import)."""
+    import rmda_fused.train as train
+
+    for _ in range(2):
+        assert callable(train.run) and not isinstance(train.run, type(os))
+        assert "accuracy" in train.run(DIGITS + ["--epochs", "1"])

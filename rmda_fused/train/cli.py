@@ -60,7 +60,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"],
                    help="autocast dtype; auto: bf16 on GPUs, none on CPU; fp16 adds a GradScaler")
     p.add_argument("--channels-last", action="store_true",
-                   help="channels_last model and inputs (RMDA then uses the reference backend)")
+                   help="channels_last model and inputs (RMDA's fused kernels take contiguous weights: "
+                        "conv weights then run on the reference backend, with a warning)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--device", choices=["cpu", "cuda"],
                    help="default: cuda if available (NCCL), else cpu (gloo)")
@@ -100,10 +101,6 @@ def resolve(args: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Na
     if args.milestones is None:
         args.milestones = sorted({max(1, int(f * args.epochs)) for f in args.milestone_fractions})
     del args.milestone_fractions
-    if args.channels_last and args.optimizer == "rmda" and args.backend == "auto":
-        # the fused kernels group a contiguous (outer, groups, inner) view; channels_last
-        # weights are not laid out so, and the reference backend reduces over dims instead
-        args.backend = "reference"
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
@@ -117,7 +114,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     ``sparsity_z``, ``sparsity_W``, ``last_change``, ``seconds``; ``stopped`` after
     --stop-after-steps). Raises SystemExit with a message on bad input."""
     from . import distributed
-    from .run import train
+    from .job import train
 
     args = parse_args(argv)
     threads = torch.get_num_threads()

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import RMDA, IdentificationTracker
+from .. import RMDA, IdentificationTracker, available_backends
 from ..structure import group_sparsity
 from . import checkpoint, data as data_mod, distributed, loop, optim, report
 from .distributed import Dist
@@ -43,6 +43,9 @@ def train(args: Any, info: Dist) -> dict[str, Any]:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = optim.build(args, model)
+    if isinstance(optimizer, RMDA):
+        say(f"RMDA backend: {', '.join(optimizer.backend_names())} "
+            f"(rmda_fused.available_backends(): {available_backends()})")
     scaler = torch.amp.GradScaler(info.device.type, enabled=args.amp == "fp16")
     tracker = IdentificationTracker(optimizer)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
