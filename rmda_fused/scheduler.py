@@ -13,7 +13,7 @@ class MultiStepRestart(MultiStepLR):
     """At each milestone (counted in ``scheduler.step()`` calls, usually epochs): lr *= gamma
     and ``optimizer.restart()`` (W0 <- W, V <- 0, t <- 0, A <- 0).
 
-    ``momentum_schedule`` (SPEC.md, "Restart"):
+    ``momentum_schedule`` (docs/algorithm.md, "Restart"):
 
     - ``None``: c stays as set.
     - ``"iclr"`` (the authors' ICLR'22 code): at each milestone c <- min(c / gamma, 1).

@@ -1,6 +1,7 @@
-"""An independent float64 statement of RMDA (SPEC.md, Algorithm 1), for testing.
+"""An independent float64 statement of RMDA (Algorithm 1 of the paper, as docs/algorithm.md
+states it), for testing.
 
-Written from SPEC.md alone: nothing here imports rmda_fused. Plain torch float64 code, one
+Written from the algorithm alone: nothing here imports rmda_fused. Plain torch float64 code, one
 parameter at a time, loops over groups for clarity rather than speed.
 
 Each step of the update is its own small method so that tests can build *mutants* (a subclass
