@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) rmda_elements_kernel(TensorTable tab
       if constexpr (kMode == kSingle) {
         const acc_t n = z < acc_t(0) ? -z : z;
         const bool keep = n > thr;
-        mask[e] = !keep;
+        mask[e] = n <= thr;  // a NaN is never recorded as zero
         z_weight = keep ? op.c * ((n - thr) / n) : acc_t(0);
       }
       op.write_weight(e, z, z_weight);
@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) rmda_elements_kernel(TensorTable tab
     }
     const acc_t n = ::sqrt(block_sum(sum_sq));
     const bool keep = n > thr;
-    if (threadIdx.x == 0) table.mask[i][grp] = !keep;
+    if (threadIdx.x == 0) table.mask[i][grp] = n <= thr;  // NaN: not zero
     const acc_t z_weight = keep ? op.c * ((n - thr) / n) : acc_t(0);
     for (int64_t e = threadIdx.x; e < size; e += kThreads) op.rewrite_weight(index(e), z_weight);
   }

@@ -58,12 +58,14 @@ def _rmda_elementwise_kernel(
     v = v + grad_weight * g
     w0 = tl.load(w0_ptr + offs, mask=m, other=0.0).to(F)
     z = w0 - div_exact(v, beta, FP64)
-    if PROX:  # L1: z <- sign(z) * max(|z| - tau, 0); zero where !(|z| > tau)
+    if PROX:  # L1: z <- sign(z) * max(|z| - tau, 0)
         tau = tl.load(scratch_row + SCR_TAU)
         keep = tl.abs(z) > tau
+        # recorded zero where |z| <= tau, not where ~keep: a NaN is never recorded as zero
+        zeroed = tl.abs(z) <= tau
         z = tl.where(keep, tl.where(z > 0, z - tau, z + tau), 0.0)
         mask_ptr = tl.load(tensor_row + COL_MASK).to(tl.pointer_type(tl.int8))
-        tl.store(mask_ptr + offs, (~keep).to(tl.int8), mask=m)
+        tl.store(mask_ptr + offs, zeroed.to(tl.int8), mask=m)
     w = tl.load(p_ptr + offs, mask=m, other=0.0).to(F)
     w = one_minus_c * w + c * z
     tl.store(v_ptr + offs, v, mask=m)

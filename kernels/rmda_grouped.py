@@ -129,7 +129,7 @@ def _group_scale(group_sumsq, threshold, FP64: tl.constexpr):
     keep = norm > threshold  # norm == 0 is never kept: the division never selects 0/0
     den = tl.where(keep, norm, 1.0)
     scale = tl.where(keep, div_exact(norm - threshold, den, FP64), 0.0)
-    return scale, ~keep
+    return scale, norm <= threshold  # a NaN norm is never recorded as zero
 
 
 @triton.jit

@@ -42,16 +42,13 @@ def check_grouping(grouping: object) -> str:
     return grouping
 
 
-def check_fits(shape: torch.Size | tuple[int, ...], grouping: str, name: str) -> None:
-    """Raise a ValueError naming the parameter if ``grouping`` cannot apply to ``shape``."""
-    check_grouping(grouping)
+def effective_grouping(shape: torch.Size | tuple[int, ...], grouping: str) -> str:
+    """``grouping`` as it applies to a tensor of ``shape``: a tensor with fewer than 2 dims
+    (a bias, a norm's weight) has no channels, so in a channel grouping it is not
+    regularized ("none"); it still takes the dual-averaging update."""
     if grouping in _CHANNEL_GROUPINGS and len(shape) < 2:
-        raise ValueError(
-            f"grouping {grouping!r} needs a weight with at least 2 dims (linear (O, I) or "
-            f"conv (O, I, k...)), but {name} has shape {tuple(shape)}; put 1-D parameters "
-            f"(biases, norms) in a param group with grouping='none' "
-            f"(rmda_fused.param_groups does this)"
-        )
+        return "none"
+    return grouping
 
 
 def group_view(shape: torch.Size | tuple[int, ...], grouping: str) -> GroupView | None:
@@ -112,8 +109,9 @@ def zero_group_mask(tensor: torch.Tensor, grouping: str) -> torch.Tensor:
 def group_prox_(z: torch.Tensor, tau: torch.Tensor | float, grouping: str) -> torch.Tensor:
     """Group soft-threshold z in place with threshold ``tau * sqrt(|G|)``.
 
-    Returns one bool per group: which groups of z ended exactly zero. For ``elementwise``
-    this is L1's ``sign(z) * max(|z| - tau, 0)`` (|G| = 1).
+    Returns one bool per group: which groups of z ended exactly zero (a group whose norm is
+    not finite is never recorded as zero). For ``elementwise`` this is L1's
+    ``sign(z) * max(|z| - tau, 0)`` (|G| = 1).
     """
     view = group_view(z.shape, grouping)
     norms = group_norms(z, grouping, keepdim=True)
@@ -121,5 +119,5 @@ def group_prox_(z: torch.Tensor, tau: torch.Tensor | float, grouping: str) -> to
     keep = norms > thr
     # the where() also maps n == 0 to 0: the NaN of (n - thr) / n is never selected
     z.mul_(torch.where(keep, (norms - thr) / norms, 0.0))
-    return ~keep.flatten()
+    return (norms <= thr).flatten()
 

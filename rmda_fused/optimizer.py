@@ -1,6 +1,7 @@
 """``RMDA``: the torch.optim.Optimizer around :mod:`rmda_fused.functional`."""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable
 
 import torch
@@ -8,7 +9,7 @@ from torch import Tensor
 
 from . import functional
 from .batch import StepBatch, StepOptions, state_dtype
-from .grouping import check_fits, check_grouping, group_prox_, group_view, num_groups
+from .grouping import check_grouping, effective_grouping, group_prox_, group_view, num_groups
 
 __all__ = ["RMDA", "STATE_KEYS"]
 
@@ -67,10 +68,12 @@ class RMDA(torch.optim.Optimizer):
 
     @staticmethod
     def _reject_unsupported(kwargs: dict[str, Any]) -> None:
-        if "weight_decay" in kwargs:
+        # optimizer factories (Hugging Face, timm) always pass weight_decay: 0 means none
+        weight_decay = kwargs.pop("weight_decay", 0.0)
+        if not (_is_number(weight_decay) and weight_decay == 0.0):
             raise ValueError(
-                "RMDA has no weight_decay: the regularizer lam replaces it; "
-                f"got weight_decay={kwargs['weight_decay']!r}"
+                "RMDA has no weight_decay: the regularizer lam replaces it (weight_decay=0 is "
+                f"accepted); got weight_decay={weight_decay!r}"
             )
         if kwargs:
             raise TypeError(f"RMDA got unexpected keyword arguments {sorted(kwargs)}")
@@ -81,15 +84,15 @@ class RMDA(torch.optim.Optimizer):
         if isinstance(lr, Tensor):
             if lr.numel() != 1:
                 raise ValueError(f"{where}: a tensor lr must have one element, got shape {tuple(lr.shape)}")
-        elif not _is_number(lr) or not lr >= 0.0:
-            raise ValueError(f"{where}: invalid learning rate lr={lr!r} (must be a number >= 0)")
+        elif not _is_number(lr) or not 0.0 <= lr < math.inf:
+            raise ValueError(f"{where}: invalid learning rate lr={lr!r} (must be a finite number >= 0)")
         if not _is_number(momentum) or not 0.0 < momentum <= 1.0:
             raise ValueError(
                 f"{where}: invalid momentum={momentum!r}: RMDA's momentum is c, the weight of "
                 "the new point, and must satisfy 0 < c <= 1 (the paper uses 0.1, not SGD's 0.9)"
             )
-        if not _is_number(lam) or not lam >= 0.0:
-            raise ValueError(f"{where}: invalid lam={lam!r} (must be a number >= 0)")
+        if not _is_number(lam) or not 0.0 <= lam < math.inf:
+            raise ValueError(f"{where}: invalid lam={lam!r} (must be a finite number >= 0)")
         try:
             check_grouping(group["grouping"])
             functional.check_backend_name(group["backend"])
@@ -100,23 +103,29 @@ class RMDA(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        index = len(self.param_groups) - 1
+        try:
+            self._check_new_group(self.param_groups[-1], len(self.param_groups) - 1)
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # a refused group leaves the optimizer as it was
+            raise
+
+    def _check_new_group(self, group: dict[str, Any], index: int) -> None:
         self._check_hyperparameters(group, where=f"param group {index}")
-        if isinstance(group["lr"], Tensor) and not float(group["lr"]) >= 0.0:
+        if isinstance(group["lr"], Tensor) and not 0.0 <= float(group["lr"]) < math.inf:
             # checked once here, not per step: reading a device lr would sync
-            raise ValueError(f"param group {index}: invalid learning rate lr={group['lr']!r} (must be >= 0)")
+            raise ValueError(f"param group {index}: invalid learning rate lr={group['lr']!r} "
+                             "(must be finite and >= 0)")
         for i, p in enumerate(group["params"]):
             name = f"param group {index}, parameter {i}"
             if p.is_complex():
                 raise TypeError(f"RMDA does not support complex parameters ({name}, shape {tuple(p.shape)})")
             if not p.is_floating_point():
                 raise TypeError(f"RMDA needs floating-point parameters ({name} is {p.dtype})")
-            check_fits(p.shape, group["grouping"], name)
 
     # -- state -----------------------------------------------------------------------------
 
     def _init_state(self, p: Tensor, grouping: str) -> dict[str, Tensor]:
+        grouping = effective_grouping(p.shape, grouping)
         state = self.state[p]
         if not state:
             acc = state_dtype(p.dtype)
@@ -131,22 +140,24 @@ class RMDA(torch.optim.Optimizer):
             state["zero_mask"] = torch.zeros(groups, dtype=torch.bool, device=p.device)
         return state
 
-    def _batch(self, group: dict[str, Any]) -> tuple[StepBatch, list[int]]:
-        """The step batch of one param group: every parameter that has a gradient; and each
-        entry's position in ``group["params"]``."""
-        grouping = group["grouping"]
-        lists: tuple[list, ...] = tuple([] for _ in range(8))
-        positions = []
+    def _batches(self, group: dict[str, Any]) -> dict[str, tuple[StepBatch, list[int]]]:
+        """The step batches of one param group, one per grouping its parameters take (1-D
+        tensors take none in a channel grouping): every parameter that has a gradient, with
+        each entry's position in ``group["params"]``."""
+        entries: dict[str, tuple[tuple[list, ...], list[int]]] = {}
         for position, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
+            grouping = effective_grouping(p.shape, group["grouping"])
+            lists, positions = entries.setdefault(grouping, (tuple([] for _ in range(8)), []))
             positions.append(position)
             state = self._init_state(p, grouping)
             for out, x in zip(lists, (p, p.grad, state["initial"], state["dual"],
                                       state["step"], state["alpha"], state.get("zero_mask"),
                                       group_view(p.shape, grouping))):
                 out.append(x)
-        return StepBatch(*lists), positions
+        return {grouping: (StepBatch(*lists), positions)
+                for grouping, (lists, positions) in entries.items()}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -160,15 +171,14 @@ class RMDA(torch.optim.Optimizer):
         work = []
         for index, group in enumerate(self.param_groups):
             self._check_hyperparameters(group, where=f"param group {index}")
-            batch, positions = self._batch(group)
-            options = StepOptions(group["lr"], group["momentum"], group["lam"],
-                                  group["grouping"], grad_scale, found_inf)
-            functional.check_batch(
-                batch, options, lambda i: f"param group {index}, parameter {positions[i]}")
-            work.append((batch, options, group["backend"]))
+            for grouping, (batch, positions) in self._batches(group).items():
+                options = StepOptions(group["lr"], group["momentum"], group["lam"], grouping,
+                                      grad_scale, found_inf)
+                functional.check_batch(
+                    batch, options, lambda i: f"param group {index}, parameter {positions[i]}")
+                work.append((batch, options, group["backend"]))
         for batch, options, backend in work:
-            if len(batch):
-                functional.step_batch_(batch, options, backend)
+            functional.step_batch_(batch, options, backend)
         return loss
 
     def backend_names(self) -> list[str]:
@@ -204,8 +214,9 @@ class RMDA(torch.optim.Optimizer):
             return p.detach().clone()
         beta = state["step"].sqrt()
         z = state["initial"].to(state["dual"].dtype) - state["dual"] / beta
-        if group["grouping"] != "none":
-            group_prox_(z, group["lam"] * state["alpha"] / beta, group["grouping"])
+        grouping = effective_grouping(p.shape, group["grouping"])
+        if grouping != "none":
+            group_prox_(z, group["lam"] * state["alpha"] / beta, grouping)
         return z.to(p.dtype)
 
     @torch.no_grad()

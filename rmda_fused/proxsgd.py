@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from .grouping import check_fits, check_grouping, group_prox_
+from .grouping import check_grouping, effective_grouping, group_prox_
 
 
 class ProxSGD(torch.optim.SGD):
@@ -40,8 +40,6 @@ class ProxSGD(torch.optim.SGD):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         check_grouping(group["grouping"])
-        for i, p in enumerate(group["params"]):
-            check_fits(p.shape, group["grouping"], f"param group {len(self.param_groups) - 1}, parameter {i}")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -54,8 +52,9 @@ class ProxSGD(torch.optim.SGD):
                 continue
             tau = group["lr"] * group["lam"]
             for p in group["params"]:
-                if p.grad is not None:
-                    self.state[p]["zero_mask"] = group_prox_(p, tau, group["grouping"])
+                grouping = effective_grouping(p.shape, group["grouping"])
+                if p.grad is not None and grouping != "none":
+                    self.state[p]["zero_mask"] = group_prox_(p, tau, grouping)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

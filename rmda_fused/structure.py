@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from .grouping import group_view, zero_group_mask
+from .grouping import effective_grouping, group_view, zero_group_mask
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,10 @@ class SparsityReport:
 
 def _regularized(optimizer: torch.optim.Optimizer) -> Iterator[tuple[Tensor, str]]:
     for group in optimizer.param_groups:
-        if group.get("grouping", "none") == "none":
-            continue
         for p in group["params"]:
-            yield p, group["grouping"]
+            grouping = effective_grouping(p.shape, group.get("grouping", "none"))
+            if grouping != "none":
+                yield p, grouping
 
 
 def _zero_masks(optimizer: torch.optim.Optimizer, of: str) -> list[Tensor]:

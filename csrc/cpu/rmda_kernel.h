@@ -128,7 +128,7 @@ struct Kernel {
   void elementwise(int64_t begin, int64_t end) const {
     int64_t i = begin;
     const Vec momentum_vec(momentum), threshold_vec(threshold), zero(0);
-    acc_t kept[kStep];
+    acc_t zeroed[kStep];
     for (; i + kStep <= end; i += kStep) {
       Vec z_lo, z_hi;
       dual_and_z(i, z_lo, z_hi);
@@ -139,13 +139,14 @@ struct Kernel {
       const Vec z_weight_hi = Vec::blendv(
           zero, momentum_vec * ((norm_hi - threshold_vec) / norm_hi), norm_hi > threshold_vec);
       write_weight(i, z_lo, z_hi, z_weight_lo, z_weight_hi);
-      norm_lo.gt(threshold_vec).store(kept);
-      norm_hi.gt(threshold_vec).store(kept + Vec::size());
-      for (int64_t k = 0; k < kStep; ++k) zero_mask[i + k] = kept[k] == acc_t(0);
+      // norm <= threshold, not !(norm > threshold): a NaN is never recorded as zero
+      norm_lo.le(threshold_vec).store(zeroed);
+      norm_hi.le(threshold_vec).store(zeroed + Vec::size());
+      for (int64_t k = 0; k < kStep; ++k) zero_mask[i + k] = zeroed[k] != acc_t(0);
     }
     for (; i < end; ++i) {
       const acc_t z = dual_and_z(i);
-      zero_mask[i] = !(std::abs(z) > threshold);
+      zero_mask[i] = std::abs(z) <= threshold;
       weight[i] = static_cast<scalar_t>(new_weight<acc_t>(
           static_cast<acc_t>(weight[i]), z, single_z_weight(z), one_minus_momentum));
     }
@@ -155,7 +156,7 @@ struct Kernel {
   acc_t group_z_weight(acc_t sum_sq, int64_t group) const {
     const acc_t norm = std::sqrt(sum_sq);
     const bool keep = norm > threshold;
-    zero_mask[group] = !keep;
+    zero_mask[group] = norm <= threshold;  // a NaN norm is never recorded as zero
     return keep ? momentum * ((norm - threshold) / norm) : acc_t(0);
   }
 
