@@ -51,5 +51,9 @@ def test_state_dict_keeps_bool_masks_and_validation():
     assert opt.state[p]["zero_mask"].dtype == torch.bool
     with pytest.raises(ValueError, match="weight_decay"):
         rmda_fused.ProxSGD([p], lr=0.1, weight_decay=1e-4)
-    with pytest.raises(ValueError, match="shape \\(4,\\)"):
-        rmda_fused.ProxSGD([torch.nn.Parameter(torch.randn(4))], lr=0.1, lam=0.1)
+    # like RMDA: a 1-D tensor has no channel groups, so it is not regularized
+    bias = torch.nn.Parameter(torch.randn(4))
+    opt = rmda_fused.ProxSGD([bias], lr=0.1, lam=0.1)
+    bias.grad = torch.randn(4)
+    opt.step()
+    assert "zero_mask" not in opt.state[bias]
