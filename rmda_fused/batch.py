@@ -8,7 +8,7 @@ This module imports nothing else of rmda_fused at run time, so any module may us
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Hashable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -88,24 +88,21 @@ class StepBatch:
         """Sub-batches sharing device and the dtypes of param, grad, initial and dual, in
         order of first appearance (the spirit of torch's
         ``_group_tensors_by_device_and_dtype``): what one multi-tensor launch can take."""
-        groups: dict[tuple, list[int]] = {}
-        for i, (p, g, w0, v) in enumerate(zip(self.params, self.grads, self.initials,
-                                               self.duals)):
-            groups.setdefault((p.device, p.dtype, g.dtype, w0.dtype, v.dtype), []).append(i)
-        if len(groups) == 1:
-            key = next(iter(groups))
-            yield key, self
-            return
-        for key, indices in groups.items():
-            yield key, self.select(indices)
+        return self._grouped_by([(p.device, p.dtype, g.dtype, w0.dtype, v.dtype) for p, g, w0, v
+                                 in zip(self.params, self.grads, self.initials, self.duals)])
 
     def devices(self) -> Iterator[tuple[torch.device, StepBatch]]:
         """Sub-batches per device, in order of first appearance."""
-        groups: dict[torch.device, list[int]] = {}
-        for i, p in enumerate(self.params):
-            groups.setdefault(p.device, []).append(i)
-        if len(groups) == 1:
-            yield next(iter(groups)), self
+        return self._grouped_by([p.device for p in self.params])
+
+    def _grouped_by(self, keys: list[Hashable]) -> Iterator[tuple[Hashable, StepBatch]]:
+        """(key, sub-batch of the entries with that key), in order of first appearance;
+        the batch itself when every entry shares one key (the usual case: no copies)."""
+        indices: dict[Hashable, list[int]] = {}
+        for i, key in enumerate(keys):
+            indices.setdefault(key, []).append(i)
+        if len(indices) == 1:
+            yield keys[0], self
             return
-        for device, indices in groups.items():
-            yield device, self.select(indices)
+        for key, members in indices.items():
+            yield key, self.select(members)

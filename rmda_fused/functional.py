@@ -164,6 +164,7 @@ def step_batch_(batch: StepBatch, options: StepOptions, backend: str) -> None:
     the rest runs on ``reference``. The optimizer calls this after its own checks."""
     for device, on_device in batch.devices():
         name = resolve_backend(backend, device)
+        options_here = _on(options, device)
         if name != "reference":
             reasons = [_fallback_reason(p, g, w0, v) for p, g, w0, v in
                        zip(on_device.params, on_device.grads, on_device.initials,
@@ -172,10 +173,10 @@ def step_batch_(batch: StepBatch, options: StepOptions, backend: str) -> None:
                 for reason in {r for r in reasons if r}:
                     _warn_fallback(name, reason)
                 fused, rest = on_device.split([r is None for r in reasons])
-                reference.rmda_step_(rest, _on(options, device))
+                reference.rmda_step_(rest, options_here)
                 on_device = fused
         if len(on_device):
-            _BACKENDS[name].rmda_step_(on_device, _on(options, device))
+            _BACKENDS[name].rmda_step_(on_device, options_here)
 
 
 def _on(options: StepOptions, device: torch.device) -> StepOptions:

@@ -1,8 +1,9 @@
 """CUDA backend: the fused, multi-tensor RMDA step of csrc/rmda_cuda.cu.
 
 Launches per step: per chunk of up to ``kMaxTensors`` (128) tensors of one dtype, one for
-the t/A update and one for the elements; no host synchronisation (lr, grad_scale and found_inf are read on the device),
-so a step can be captured in a CUDA graph when lr is a device tensor.
+the t/A update and one for the elements; no host synchronisation (lr, grad_scale and
+found_inf are read on the device), so a step can be captured in a CUDA graph when lr is a
+device tensor.
 """
 from __future__ import annotations
 

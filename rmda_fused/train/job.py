@@ -44,7 +44,7 @@ def train(args: Any, info: Dist) -> dict[str, Any]:
         model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = optim.build(args, model)
     if isinstance(optimizer, RMDA):
-        say(f"RMDA backend: {', '.join(optimizer.backend_names())} "
+        say(f"RMDA backend: {', '.join(dict.fromkeys(optimizer.backend_names()))} "
             f"(rmda_fused.available_backends(): {available_backends()})")
     scaler = torch.amp.GradScaler(info.device.type, enabled=args.amp == "fp16")
     tracker = IdentificationTracker(optimizer)
