@@ -10,6 +10,7 @@ from torch import Tensor
 from . import functional
 from .batch import StepBatch, StepOptions, state_dtype
 from .grouping import check_grouping, effective_grouping, group_prox_, group_view, num_groups
+from .structure import MASK_KEY, with_current_mask_key
 
 __all__ = ["RMDA", "STATE_KEYS"]
 
@@ -20,9 +21,7 @@ __all__ = ["RMDA", "STATE_KEYS"]
 #   alpha      A, sum of the step sizes lr*sqrt(t) since then (0-d tensor, like step)
 #   zero_mask  one bool per group: is that group of the prox point z exactly zero after the
 #              last step (absent for grouping="none")
-STATE_KEYS = ("initial", "dual", "step", "alpha", "zero_mask")
-# the state key of the zero mask before it was renamed; load_state_dict accepts it
-_OLD_MASK_KEY = "zero_groups"
+STATE_KEYS = ("initial", "dual", "step", "alpha", MASK_KEY)
 
 
 def _is_number(x: object) -> bool:
@@ -135,9 +134,9 @@ class RMDA(torch.optim.Optimizer):
             state["alpha"] = torch.zeros((), dtype=acc, device=p.device)
         groups = num_groups(p.shape, grouping)
         if grouping == "none":
-            state.pop("zero_mask", None)
-        elif "zero_mask" not in state or state["zero_mask"].numel() != groups:
-            state["zero_mask"] = torch.zeros(groups, dtype=torch.bool, device=p.device)
+            state.pop(MASK_KEY, None)
+        elif MASK_KEY not in state or state[MASK_KEY].numel() != groups:
+            state[MASK_KEY] = torch.zeros(groups, dtype=torch.bool, device=p.device)
         return state
 
     def _batches(self, group: dict[str, Any]) -> dict[str, tuple[StepBatch, list[int]]]:
@@ -153,7 +152,7 @@ class RMDA(torch.optim.Optimizer):
             positions.append(position)
             state = self._init_state(p, grouping)
             for out, x in zip(lists, (p, p.grad, state["initial"], state["dual"],
-                                      state["step"], state["alpha"], state.get("zero_mask"),
+                                      state["step"], state["alpha"], state.get(MASK_KEY),
                                       group_view(p.shape, grouping))):
                 out.append(x)
         return {grouping: (StepBatch(*lists), positions)
@@ -167,7 +166,8 @@ class RMDA(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        # every group is checked before any tensor changes: a refused step changes nothing
+        # every group is checked before any parameter or update state is written: a refused
+        # step changes no value (it may only have created the state of new parameters)
         work = []
         for index, group in enumerate(self.param_groups):
             self._check_hyperparameters(group, where=f"param group {index}")
@@ -231,9 +231,8 @@ class RMDA(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts floating state to the parameter's dtype; RMDA keeps V, t, A in
         # state_dtype and the zero mask as bool, so put the saved values back exactly.
-        saved = {pid: {(_renamed(key)): value for key, value in entry.items()}
-                 for pid, entry in state_dict["state"].items()}
-        state_dict = {**state_dict, "state": saved}
+        state_dict = with_current_mask_key(state_dict)
+        saved = state_dict["state"]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         # the backend is a property of this machine, not of the run: keep the live choice
         backends = [g["backend"] for g in self.param_groups]
@@ -247,12 +246,8 @@ class RMDA(torch.optim.Optimizer):
             for key, value in saved[pid].items():
                 if key == "initial":
                     dtype = p.dtype
-                elif key == "zero_mask":
+                elif key == MASK_KEY:
                     dtype = torch.bool
                 else:
                     dtype = state_dtype(p.dtype)
                 self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
-
-
-def _renamed(key: str) -> str:
-    return "zero_mask" if key == _OLD_MASK_KEY else key

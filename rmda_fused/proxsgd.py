@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .grouping import check_grouping, effective_grouping, group_prox_
+from .structure import MASK_KEY, with_current_mask_key
 
 
 class ProxSGD(torch.optim.SGD):
@@ -54,13 +55,11 @@ class ProxSGD(torch.optim.SGD):
             for p in group["params"]:
                 grouping = effective_grouping(p.shape, group["grouping"])
                 if p.grad is not None and grouping != "none":
-                    self.state[p]["zero_mask"] = group_prox_(p, tau, grouping)
+                    self.state[p][MASK_KEY] = group_prox_(p, tau, grouping)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+        super().load_state_dict(with_current_mask_key(state_dict))
         for state in self.state.values():  # torch casts every floating state to the param dtype
-            if "zero_groups" in state:  # the key's name before it was renamed
-                state["zero_mask"] = state.pop("zero_groups")
-            if "zero_mask" in state:
-                state["zero_mask"] = state["zero_mask"].bool()
+            if MASK_KEY in state:
+                state[MASK_KEY] = state[MASK_KEY].bool()

@@ -8,12 +8,26 @@ touch the host only when a report is asked for.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from .grouping import effective_grouping, group_view, zero_group_mask
+
+# the state key of z's zero mask, in RMDA and ProxSGD; state dicts saved before it was
+# renamed hold it as "zero_groups"
+MASK_KEY = "zero_mask"
+_OLD_MASK_KEY = "zero_groups"
+
+
+def with_current_mask_key(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state_dict with the zero mask under :data:`MASK_KEY` (a shallow copy;
+    older state dicts keep loading)."""
+    state = {pid: {MASK_KEY if key == _OLD_MASK_KEY else key: value
+                   for key, value in entry.items()}
+             for pid, entry in state_dict["state"].items()}
+    return {**state_dict, "state": state}
 
 
 @dataclass(frozen=True)
@@ -79,8 +93,8 @@ def _zero_masks(optimizer: torch.optim.Optimizer, of: str) -> list[Tensor]:
     masks = []
     for p, grouping in _regularized(optimizer):
         state = optimizer.state.get(p, {})
-        if of == "z" and "zero_mask" in state:
-            masks.append(state["zero_mask"])
+        if of == "z" and MASK_KEY in state:
+            masks.append(state[MASK_KEY])
         elif of == "z":  # no step yet: z is undefined, report no zero group
             masks.append(torch.zeros(group_view(p.shape, grouping).groups, dtype=torch.bool, device=p.device))
         else:

@@ -303,3 +303,25 @@ def test_add_param_group_later():
     opt.add_param_group(dict(params=[extra]))
     added = opt.param_groups[-1]
     assert (added["lr"], added["momentum"], added["lam"], added["grouping"]) == (0.2, 0.25, 0.7, "input_channel")
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: rmda_fused.RMDA(ps, lr=0.1, lam=0.5),
+    lambda ps: rmda_fused.ProxSGD(ps, lr=0.1, lam=0.5),
+])
+def test_state_dict_saved_with_the_old_mask_key_loads(make):
+    """State dicts saved before the mask's key was renamed (zero_groups -> zero_mask)."""
+    p = torch.nn.Parameter(torch.randn(6, 4, 3, 3))
+    opt = make([p])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    old = {**saved, "state": {pid: {("zero_groups" if k == "zero_mask" else k): v
+                                    for k, v in entry.items()}
+                              for pid, entry in saved["state"].items()}}
+    fresh = make([torch.nn.Parameter(p.detach().clone())])
+    fresh.load_state_dict(old)
+    (q,) = fresh.param_groups[0]["params"]
+    assert "zero_groups" not in fresh.state[q]
+    assert fresh.state[q]["zero_mask"].dtype == torch.bool
+    assert torch.equal(fresh.state[q]["zero_mask"], opt.state[p]["zero_mask"])
