@@ -133,6 +133,45 @@ def _group_scale(group_sumsq, threshold, FP64: tl.constexpr):
 
 
 @triton.jit
+def _tile_indices(BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_G: tl.constexpr):
+    """(tile rows, tile columns, group slots) of a BLOCK_R x BLOCK_L tile of BLOCK_G groups."""
+    return tl.arange(0, BLOCK_R).to(tl.int64), tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_G)
+
+
+@triton.jit
+def _new_dual(v_ptr, g_ptr, offs, m, grad_weight, F: tl.constexpr):
+    """V + (s / grad_scale) * g at ``offs`` (not stored)."""
+    v = tl.load(v_ptr + offs, mask=m, other=0.0)
+    return v + grad_weight * tl.load(g_ptr + offs, mask=m, other=0.0).to(F)
+
+
+@triton.jit
+def _prox_input(w0_ptr, v, offs, m, beta, F: tl.constexpr, FP64: tl.constexpr):
+    """z = W0 - V / beta at ``offs``, before the prox."""
+    w0 = tl.load(w0_ptr + offs, mask=m, other=0.0).to(F)
+    return w0 - div_exact(v, beta, FP64)
+
+
+@triton.jit
+def _columns_to_groups(in_group, per_column):
+    return tl.sum(tl.where(in_group, per_column[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _groups_to_columns(in_group, per_group):
+    return tl.sum(tl.where(in_group, per_group[:, None], 0.0), axis=0)
+
+
+@triton.jit
+def _write_weight(p_ptr, offs, m, z, col_scale, c, one_minus_c, P: tl.constexpr,
+                  F: tl.constexpr, RTNE: tl.constexpr):
+    """W <- (1 - c) W + c * prox(z), the prox being z times its group's scale."""
+    w = tl.load(p_ptr + offs, mask=m, other=0.0).to(F)
+    w = one_minus_c * w + c * (z * col_scale[None, :])
+    tl.store(p_ptr + offs, round_to(w, P, RTNE), mask=m)
+
+
+@triton.jit
 def _store_zero_mask(tensor_row, first_group, group_ids, zero, store):
     mask_ptr = tl.load(tensor_row + COL_MASK).to(tl.pointer_type(tl.int8))
     tl.store(mask_ptr + first_group + group_ids, zero.to(tl.int8), mask=store)
@@ -155,39 +194,30 @@ def _rmda_grouped_kernel(
     beta = tl.load(scratch_row + SCR_BETA)
     grad_weight = tl.load(scratch_row + SCR_GRAD_WEIGHT)
     partial_slot = tl.load(tile + TILE_PARTIAL_SLOT)
-    tile_rows = tl.arange(0, BLOCK_R).to(tl.int64)
-    tile_cols = tl.arange(0, BLOCK_L)
-    group_ids = tl.arange(0, BLOCK_G)
+    tile_rows, tile_cols, group_ids = _tile_indices(BLOCK_R, BLOCK_L, BLOCK_G)
     in_group = _column_groups(tile_cols, group_ids, layout)
     if partial_slot < 0:  # the whole group set is this tile: one pass
         offs, m = _tile_offsets(row_begin + tile_rows, tile_cols, layout, row_end, BLOCK_L)
-        v = tl.load(v_ptr + offs, mask=m, other=0.0)
-        v = v + grad_weight * tl.load(g_ptr + offs, mask=m, other=0.0).to(F)
-        w0 = tl.load(w0_ptr + offs, mask=m, other=0.0).to(F)
-        z = w0 - div_exact(v, beta, FP64)
-        col_sumsq = tl.sum(z * z, axis=0)
-        group_sumsq = tl.sum(tl.where(in_group, col_sumsq[None, :], 0.0), axis=1)
+        v = _new_dual(v_ptr, g_ptr, offs, m, grad_weight, F)
+        z = _prox_input(w0_ptr, v, offs, m, beta, F, FP64)
+        group_sumsq = _columns_to_groups(in_group, tl.sum(z * z, axis=0))
         scale, zero = _group_scale(group_sumsq, threshold, FP64)
-        col_scale = tl.sum(tl.where(in_group, scale[:, None], 0.0), axis=0)
         c, one_minus_c = momentum_weights(hyper, F)
         p_ptr = tl.load(tensor_row + COL_P).to(tl.pointer_type(P))
-        w = tl.load(p_ptr + offs, mask=m, other=0.0).to(F)
-        w = one_minus_c * w + c * (z * col_scale[None, :])
         tl.store(v_ptr + offs, v, mask=m)
-        tl.store(p_ptr + offs, round_to(w, P, RTNE), mask=m)
+        _write_weight(p_ptr, offs, m, z, _groups_to_columns(in_group, scale), c, one_minus_c,
+                      P, F, RTNE)
         _store_zero_mask(tensor_row, first_group, group_ids, zero, group_ids < mask_groups)
     else:  # pass 1 of a big group set: V and this chunk's partial sums of z^2
         col_sumsq = tl.zeros([BLOCK_L], F)
         for r in range(row_begin, row_end, BLOCK_R):
             offs, m = _tile_offsets(r + tile_rows, tile_cols, layout, row_end, BLOCK_L)
-            v = tl.load(v_ptr + offs, mask=m, other=0.0)
-            v = v + grad_weight * tl.load(g_ptr + offs, mask=m, other=0.0).to(F)
-            w0 = tl.load(w0_ptr + offs, mask=m, other=0.0).to(F)
-            z = w0 - div_exact(v, beta, FP64)
+            v = _new_dual(v_ptr, g_ptr, offs, m, grad_weight, F)
+            z = _prox_input(w0_ptr, v, offs, m, beta, F, FP64)
             tl.store(v_ptr + offs, v, mask=m)
             col_sumsq += tl.sum(z * z, axis=0)
-        group_sumsq = tl.sum(tl.where(in_group, col_sumsq[None, :], 0.0), axis=1)
-        tl.store(partial + partial_slot * BLOCK_G + group_ids, group_sumsq)
+        tl.store(partial + partial_slot * BLOCK_G + group_ids,
+                 _columns_to_groups(in_group, col_sumsq))
 
 
 @triton.jit
@@ -208,24 +238,18 @@ def _rmda_grouped_apply_kernel(
     partial_slot = tl.load(tile + TILE_PARTIAL_SLOT)
     first_slot = tl.load(tile + TILE_FIRST_SLOT)
     n_slots = tl.load(tile + TILE_N_SLOTS)
-    tile_rows = tl.arange(0, BLOCK_R).to(tl.int64)
-    tile_cols = tl.arange(0, BLOCK_L)
-    group_ids = tl.arange(0, BLOCK_G)
+    tile_rows, tile_cols, group_ids = _tile_indices(BLOCK_R, BLOCK_L, BLOCK_G)
     group_sumsq = tl.zeros([BLOCK_G], F)
     for k in range(0, n_slots):  # same order in every chunk's program: same norm, same mask
         group_sumsq += tl.load(partial + (first_slot + k) * BLOCK_G + group_ids)
     scale, zero = _group_scale(group_sumsq, threshold, FP64)
-    in_group = _column_groups(tile_cols, group_ids, layout)
-    col_scale = tl.sum(tl.where(in_group, scale[:, None], 0.0), axis=0)
+    col_scale = _groups_to_columns(_column_groups(tile_cols, group_ids, layout), scale)
     c, one_minus_c = momentum_weights(hyper, F)
     for r in range(row_begin, row_end, BLOCK_R):
         offs, m = _tile_offsets(r + tile_rows, tile_cols, layout, row_end, BLOCK_L)
         v = tl.load(v_ptr + offs, mask=m, other=0.0)
-        w0 = tl.load(w0_ptr + offs, mask=m, other=0.0).to(F)
-        z = w0 - div_exact(v, beta, FP64)
-        w = tl.load(p_ptr + offs, mask=m, other=0.0).to(F)
-        w = one_minus_c * w + c * (z * col_scale[None, :])
-        tl.store(p_ptr + offs, round_to(w, P, RTNE), mask=m)
+        z = _prox_input(w0_ptr, v, offs, m, beta, F, FP64)
+        _write_weight(p_ptr, offs, m, z, col_scale, c, one_minus_c, P, F, RTNE)
     _store_zero_mask(tensor_row, first_group, group_ids, zero,
                      (group_ids < mask_groups) & (partial_slot == first_slot))
 
