@@ -193,22 +193,19 @@ struct Kernel {
   // linear layers, 9 for 3x3 convs).
   void accumulate_rows(acc_t* column_sums, int64_t first_column, int64_t width,
                        int64_t row_begin, int64_t row_end) const {
-    const int64_t row_length = view.groups * view.inner;
-    for (int64_t row = row_begin; row < row_end; ++row) {
-      const int64_t row_start = row * row_length + first_column;
-      int64_t j = 0;
-      for (; j + kStep <= width; j += kStep) {
-        Vec z_lo, z_hi, sums_lo, sums_hi;
-        dual_and_z(row_start + j, z_lo, z_hi);
-        AccIO::load(column_sums + j, sums_lo, sums_hi);
-        AccIO::store(column_sums + j, at::vec::fmadd(z_lo, z_lo, sums_lo),
-                     at::vec::fmadd(z_hi, z_hi, sums_hi));
-      }
-      for (; j < width; ++j) {
-        const acc_t z = dual_and_z(row_start + j);
-        column_sums[j] += z * z;
-      }
-    }
+    for_each_band_row(
+        first_column, width, row_begin, row_end,
+        [&](int64_t i, int64_t j) {
+          Vec z_lo, z_hi, sums_lo, sums_hi;
+          dual_and_z(i, z_lo, z_hi);
+          AccIO::load(column_sums + j, sums_lo, sums_hi);
+          AccIO::store(column_sums + j, at::vec::fmadd(z_lo, z_lo, sums_lo),
+                       at::vec::fmadd(z_hi, z_hi, sums_hi));
+        },
+        [&](int64_t i, int64_t j) {
+          const acc_t z = dual_and_z(i);
+          column_sums[j] += z * z;
+        });
   }
   // Turns the column sums of z^2 of groups [first_group, last_group) into each column's
   // z weight, in place.
@@ -225,16 +222,29 @@ struct Kernel {
   // work_plan.cpp).
   void write_rows(const acc_t* column_weights, int64_t first_column, int64_t width,
                   int64_t row_begin, int64_t row_end) const {
+    for_each_band_row(
+        first_column, width, row_begin, row_end,
+        [&](int64_t i, int64_t j) {
+          Vec z_weight_lo, z_weight_hi;
+          AccIO::load(column_weights + j, z_weight_lo, z_weight_hi);
+          write_weight(i, z_weight_lo, z_weight_hi);
+        },
+        [&](int64_t i, int64_t j) { write_weight(i, column_weights[j]); });
+  }
+
+  // Rows [row_begin, row_end) of the band of columns [first_column, first_column + width):
+  // vector_op(element, column) on kStep columns at a time, then scalar_op on the row's tail.
+  // Both passes of the strided groups walk the band so, with their own per-column work.
+  template <typename VectorOp, typename ScalarOp>
+  void for_each_band_row(int64_t first_column, int64_t width, int64_t row_begin,
+                         int64_t row_end, const VectorOp& vector_op,
+                         const ScalarOp& scalar_op) const {
     const int64_t row_length = view.groups * view.inner;
     for (int64_t row = row_begin; row < row_end; ++row) {
       const int64_t row_start = row * row_length + first_column;
       int64_t j = 0;
-      for (; j + kStep <= width; j += kStep) {
-        Vec z_weight_lo, z_weight_hi;
-        AccIO::load(column_weights + j, z_weight_lo, z_weight_hi);
-        write_weight(row_start + j, z_weight_lo, z_weight_hi);
-      }
-      for (; j < width; ++j) write_weight(row_start + j, column_weights[j]);
+      for (; j + kStep <= width; j += kStep) vector_op(row_start + j, j);
+      for (; j < width; ++j) scalar_op(row_start + j, j);
     }
   }
 
