@@ -61,18 +61,19 @@ class StepBatch:
 
     def __post_init__(self) -> None:
         n = len(self.params)
-        for f in fields(self):
-            if len(getattr(self, f.name)) != n:
+        for name, values in zip(_FIELD_NAMES, self.lists()):
+            if len(values) != n:
                 raise ValueError(
-                    f"StepBatch: {f.name} has {len(getattr(self, f.name))} entries, "
-                    f"params has {n}: every list needs one entry per parameter")
+                    f"StepBatch: {name} has {len(values)} entries, params has {n}: every "
+                    f"list needs one entry per parameter")
 
     def __len__(self) -> int:
         return len(self.params)
 
     def lists(self) -> tuple[list, ...]:
         """The eight lists, in the order of the fields (and of the C++ op's arguments)."""
-        return tuple(getattr(self, f.name) for f in fields(self))
+        return (self.params, self.grads, self.initials, self.duals, self.steps, self.alphas,
+                self.zero_masks, self.views)
 
     def select(self, indices: Sequence[int]) -> StepBatch:
         """The sub-batch of the parameters at ``indices``, in that order."""
@@ -106,3 +107,6 @@ class StepBatch:
             return
         for key, members in indices.items():
             yield key, self.select(members)
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(StepBatch))  # the order of StepBatch.lists()

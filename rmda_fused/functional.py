@@ -113,31 +113,53 @@ def _fallback_reason(p: Tensor, g: Tensor, w0: Tensor, v: Tensor) -> str | None:
     return None
 
 
-def check_batch(batch: StepBatch, options: StepOptions,
+def _describer(name: Callable[[int], str]) -> Callable[[int, Tensor], str]:
+    return lambda i, p: f"{name(i)} (shape {tuple(p.shape)})"
+
+
+def check_grads(batch: StepBatch,
                 name: Callable[[int], str] = "parameter {}".format) -> None:
-    """Raise a ValueError/TypeError naming the first parameter whose tensors do not fit the
-    step, before any tensor is written. ``name(i)`` names entry i of the batch."""
-    prox = options.prox
-
-    def _describe(i: int, p: Tensor) -> str:
-        return f"{name(i)} (shape {tuple(p.shape)})"
-
-    for i, (p, g, w0, v, t, a, mask, view) in enumerate(zip(*batch.lists())):
+    """Check what a caller hands in anew every step, the parameters and their gradients:
+    raise a ValueError/TypeError naming the first that does not fit (``name(i)`` names
+    entry i). The optimizer checks only this per step: it made the state itself, and
+    load_state_dict checks the state it loads."""
+    describe = _describer(name)
+    for i, (p, g) in enumerate(zip(batch.params, batch.grads)):
         if g.is_complex() or p.is_complex():
             raise TypeError(f"rmda_step: RMDA does not support complex parameters or "
-                            f"gradients ({_describe(i, p)})")
+                            f"gradients ({describe(i, p)})")
         if not p.is_floating_point():
-            raise TypeError(f"rmda_step: {_describe(i, p)} is {p.dtype}, not floating point")
+            raise TypeError(f"rmda_step: {describe(i, p)} is {p.dtype}, not floating point")
         if g.is_sparse:
             raise TypeError(f"rmda_step: RMDA does not support sparse gradients "
-                            f"({_describe(i, p)})")
-        for what, x in (("grad", g), ("initial", w0), ("dual", v)):
+                            f"({describe(i, p)})")
+        if g.shape != p.shape:
+            raise ValueError(f"rmda_step: grad of {describe(i, p)} has shape "
+                             f"{tuple(g.shape)}")
+        if g.dtype != p.dtype:
+            raise TypeError(f"rmda_step: grad of {describe(i, p)} must have its dtype "
+                            f"{p.dtype}, got {g.dtype}")
+        if g.device != p.device:
+            raise ValueError(f"rmda_step: grad of {describe(i, p)} must be on {p.device}, "
+                             f"not {g.device}")
+
+
+def check_batch(batch: StepBatch, options: StepOptions,
+                name: Callable[[int], str] = "parameter {}".format) -> None:
+    """:func:`check_grads`, and the state tensors of every entry: raise a
+    ValueError/TypeError naming the first parameter whose tensors do not fit the step,
+    before any tensor is written. ``name(i)`` names entry i of the batch."""
+    check_grads(batch, name)
+    prox = options.prox
+    _describe = _describer(name)
+    for i, (p, g, w0, v, t, a, mask, view) in enumerate(zip(*batch.lists())):
+        for what, x in (("initial", w0), ("dual", v)):
             if x.shape != p.shape:
                 raise ValueError(f"rmda_step: {what} of {_describe(i, p)} has shape "
                                  f"{tuple(x.shape)}")
-        if g.dtype != p.dtype or w0.dtype != p.dtype:
-            raise TypeError(f"rmda_step: grad and initial of {_describe(i, p)} must have "
-                            f"its dtype {p.dtype}, got {g.dtype} and {w0.dtype}")
+        if w0.dtype != p.dtype:
+            raise TypeError(f"rmda_step: initial of {_describe(i, p)} must have its dtype "
+                            f"{p.dtype}, got {w0.dtype}")
         acc = state_dtype(p.dtype)
         if v.dtype != acc or t.dtype != acc or a.dtype != acc:
             raise TypeError(f"rmda_step: dual, step and alpha of {_describe(i, p)} must be "
@@ -145,7 +167,7 @@ def check_batch(batch: StepBatch, options: StepOptions,
         if t.numel() != 1 or a.numel() != 1:
             raise ValueError(f"rmda_step: step and alpha of {_describe(i, p)} must have one "
                              "element")
-        if any(x.device != p.device for x in (g, w0, v, t, a)):
+        if any(x.device != p.device for x in (w0, v, t, a)):
             raise ValueError(f"rmda_step: every tensor of {_describe(i, p)} must be on "
                              f"{p.device}")
         if prox:

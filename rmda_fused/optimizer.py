@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import functional
 from .batch import StepBatch, StepOptions, state_dtype
-from .grouping import check_grouping, effective_grouping, group_prox_, group_view, num_groups
+from .grouping import GroupView, check_grouping, effective_grouping, group_prox_, group_view
 from .structure import MASK_KEY, with_current_mask_key
 
 __all__ = ["RMDA", "STATE_KEYS"]
@@ -125,6 +125,11 @@ class RMDA(torch.optim.Optimizer):
 
     def _init_state(self, p: Tensor, grouping: str) -> dict[str, Tensor]:
         grouping = effective_grouping(p.shape, grouping)
+        return self._state_for(p, grouping, group_view(p.shape, grouping))
+
+    def _state_for(self, p: Tensor, grouping: str, view: GroupView | None) -> dict[str, Tensor]:
+        """The state of ``p``, created on first use; its mask fits ``grouping`` (the
+        parameter's effective grouping, whose group view is ``view``)."""
         state = self.state[p]
         if not state:
             acc = state_dtype(p.dtype)
@@ -132,31 +137,32 @@ class RMDA(torch.optim.Optimizer):
             state["dual"] = torch.zeros_like(p, dtype=acc)
             state["step"] = torch.zeros((), dtype=acc, device=p.device)
             state["alpha"] = torch.zeros((), dtype=acc, device=p.device)
-        groups = num_groups(p.shape, grouping)
-        if grouping == "none":
+        if view is None:
             state.pop(MASK_KEY, None)
-        elif MASK_KEY not in state or state[MASK_KEY].numel() != groups:
-            state[MASK_KEY] = torch.zeros(groups, dtype=torch.bool, device=p.device)
+        elif MASK_KEY not in state or state[MASK_KEY].numel() != view.groups:
+            state[MASK_KEY] = torch.zeros(view.groups, dtype=torch.bool, device=p.device)
         return state
 
     def _batches(self, group: dict[str, Any]) -> dict[str, tuple[StepBatch, list[int]]]:
         """The step batches of one param group, one per grouping its parameters take (1-D
         tensors take none in a channel grouping): every parameter that has a gradient, with
         each entry's position in ``group["params"]``."""
-        entries: dict[str, tuple[tuple[list, ...], list[int]]] = {}
+        entries: dict[str, tuple[list[tuple], list[int]]] = {}
         for position, p in enumerate(group["params"]):
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
             grouping = effective_grouping(p.shape, group["grouping"])
-            lists, positions = entries.setdefault(grouping, (tuple([] for _ in range(8)), []))
+            view = group_view(p.shape, grouping)
+            state = self._state_for(p, grouping, view)
+            if grouping not in entries:
+                entries[grouping] = ([], [])
+            rows, positions = entries[grouping]
+            rows.append((p, grad, state["initial"], state["dual"], state["step"],
+                         state["alpha"], state.get(MASK_KEY), view))
             positions.append(position)
-            state = self._init_state(p, grouping)
-            for out, x in zip(lists, (p, p.grad, state["initial"], state["dual"],
-                                      state["step"], state["alpha"], state.get(MASK_KEY),
-                                      group_view(p.shape, grouping))):
-                out.append(x)
-        return {grouping: (StepBatch(*lists), positions)
-                for grouping, (lists, positions) in entries.items()}
+        return {grouping: (StepBatch(*map(list, zip(*rows))), positions)
+                for grouping, (rows, positions) in entries.items()}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -174,8 +180,8 @@ class RMDA(torch.optim.Optimizer):
             for grouping, (batch, positions) in self._batches(group).items():
                 options = StepOptions(group["lr"], group["momentum"], group["lam"], grouping,
                                       grad_scale, found_inf)
-                functional.check_batch(
-                    batch, options, lambda i: f"param group {index}, parameter {positions[i]}")
+                functional.check_grads(
+                    batch, lambda i: f"param group {index}, parameter {positions[i]}")
                 work.append((batch, options, group["backend"]))
         for batch, options, backend in work:
             functional.step_batch_(batch, options, backend)
@@ -234,12 +240,14 @@ class RMDA(torch.optim.Optimizer):
         state_dict = with_current_mask_key(state_dict)
         saved = state_dict["state"]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        if len(ids) == len(params):  # else torch's loading names the mismatch
+            _check_state_shapes(saved, ids, params)
         # the backend is a property of this machine, not of the run: keep the live choice
         backends = [g["backend"] for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, backend in zip(self.param_groups, backends):
             group["backend"] = backend
-        params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(ids, params):
             if pid not in saved:
                 continue
@@ -251,3 +259,21 @@ class RMDA(torch.optim.Optimizer):
                 else:
                     dtype = state_dtype(p.dtype)
                 self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+
+
+def _check_state_shapes(saved: dict[Any, dict[str, Any]], ids: list[Any],
+                        params: list[Tensor]) -> None:
+    """Before anything is loaded: every saved W0 and V has its parameter's shape, t and A
+    one element each (the step checks only gradients, so a wrong state must stop here)."""
+    for index, (pid, p) in enumerate(zip(ids, params)):
+        entry = saved.get(pid, {})
+        for key, numel in (("initial", None), ("dual", None), ("step", 1), ("alpha", 1)):
+            value = entry.get(key)
+            if not isinstance(value, Tensor):
+                continue
+            if (value.shape != p.shape) if numel is None else (value.numel() != numel):
+                want = tuple(p.shape) if numel is None else "one element"
+                raise ValueError(
+                    f"load_state_dict: state {key!r} of parameter {index} has shape "
+                    f"{tuple(value.shape)}, expected {want} (the parameter has shape "
+                    f"{tuple(p.shape)})")

@@ -268,3 +268,45 @@ def test_non_finite_group_is_never_recorded_as_zero(grouping, backend, device):
     assert int(mask.sum()) == mask.numel() - 1, mask
     z = opt.prox_point(p)
     assert not bool(rmda_fused.grouping.group_prox_(z.clone(), 1e6, grouping)[nan_group])
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: torch.randn(4, 3),
+    lambda: torch.randn(1),                                    # would broadcast
+    lambda: torch.randn(3, 4, dtype=torch.float64),
+])
+def test_a_gradient_that_does_not_fit_is_refused_before_anything_changes(bad, fast_backend):
+    """torch's .grad setter already refuses these; the functional step, whose lists a
+    caller builds, names them before writing anything."""
+    q, p = torch.randn(5, 2), torch.randn(3, 4)
+    state = [(x.clone(), torch.zeros_like(x), torch.zeros(()), torch.zeros(()),
+              torch.zeros(x.shape[1], dtype=torch.bool)) for x in (q, p)]
+    before = [x.clone() for x in (q, p)] + [t.clone() for s in state for t in s]
+    with pytest.raises((ValueError, TypeError), match=r"parameter 1 \(shape \(3, 4\)\)"):
+        functional.rmda_step([q, p], [torch.randn(5, 2), bad()], *map(list, zip(*state)),
+                             lr=0.1, momentum=0.1, lam=0.1, grouping="input_channel",
+                             backend=fast_backend)
+    after = [q, p] + [t for s in state for t in s]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("dual", torch.zeros(4, 4), r"'dual' of parameter 0 has shape \(4, 4\), expected \(4, 3\)"),
+    ("initial", torch.zeros(3), r"'initial' of parameter 0 has shape \(3,\)"),
+    ("step", torch.zeros(2), r"'step' of parameter 0 has shape \(2,\), expected one element"),
+])
+def test_load_state_dict_refuses_state_of_another_shape(key, value, match):
+    """The step checks only gradients; state of the wrong shape stops at loading, before
+    anything is loaded."""
+    p = weight(4, 3)
+    opt = rmda_fused.RMDA([p], lr=0.1, lam=0.1)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][0][key] = value
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    opt.param_groups[0]["lr"] = 0.2
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 0.2
+    assert all(torch.equal(opt.state[p][k], v) for k, v in before.items())
