@@ -1,4 +1,4 @@
-"""A CPU-only tour of RMDA in about 15 s: ``python -m rmda_fused.demo``.
+"""A CPU-only tour of RMDA in about half a minute: ``python -m rmda_fused.demo``.
 
 The ``--preset digits`` run of the training entry point (``python -m rmda_fused.train``): a
 small CNN on scikit-learn's bundled 8x8 digits images (1,797 real images that ship inside

@@ -21,7 +21,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "imagenet": dict(arch="resnet50", epochs=160, batch_size=256, lam=1.35e-5,
                      milestone_fractions=(0.25, 0.5, 0.75), label_smoothing=0.1, amp="auto",
                      image_size=224, workers=8, threads=0),
-    # the demo: a small CNN on scikit-learn's digits, on one CPU thread, in about 15 s
+    # the demo: a small CNN on scikit-learn's digits, on one CPU thread, in about half a minute
     "digits": dict(data=DIGITS_SOURCE, arch=DIGITS_ARCH, epochs=100, batch_size=64, lr=0.1,
                    momentum=0.1, lam=1e-3, milestone_fractions=(0.6,), label_smoothing=0.0,
                    amp="none", device="cpu", image_size=8, workers=0, threads=1),
