@@ -27,7 +27,10 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class StepOptions:
-    """The hyper-parameters and AMP scalars one step shares across its batch."""
+    """The hyper-parameters and AMP scalars one step shares across its batch.
+
+    ``found_inf`` nonzero makes the step change nothing; ``maximize`` steps up the
+    gradient."""
 
     lr: float | Tensor
     momentum: float
@@ -35,6 +38,7 @@ class StepOptions:
     grouping: str
     grad_scale: Tensor | None = None
     found_inf: Tensor | None = None
+    maximize: bool = False
 
     @property
     def prox(self) -> bool:

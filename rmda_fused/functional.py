@@ -14,14 +14,15 @@ reason) that says why.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import warnings
 from types import ModuleType
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from ._warnings import warn_caller
 from .backends import cpu, cuda, reference, triton
 from .batch import StepBatch, StepOptions, state_dtype
 from .grouping import check_grouping, group_view
@@ -63,9 +64,20 @@ def check_backend_name(backend: object) -> str:
     return backend
 
 
-@functools.lru_cache(maxsize=None)
+# (backend, device) -> backend name: a plain dict, so that a step under torch.compile
+# resolves its backends by a guarded dict lookup (the optimizer resolves at construction)
+_RESOLVED: dict[tuple[str, torch.device], str] = {}
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend name ``backend`` means for tensors on ``device``."""
+    name = _RESOLVED.get((backend, device))
+    if name is None:
+        name = _RESOLVED[(backend, device)] = _resolve(backend, device)
+    return name
+
+
+def _resolve(backend: str, device: torch.device) -> str:
     check_backend_name(backend)
     if backend == "auto":
         return _resolve_auto(device.type)
@@ -87,19 +99,15 @@ def _resolve_auto(device_type: str) -> str:
             break
         skipped.append(f"{name}: {reason or f'does not take {device_type} tensors'}")
     if skipped:  # a faster backend is missing: say why, once, rather than slow down silently
-        warnings.warn(
-            f"rmda_fused: backend='auto' uses {name!r} for {device_type} tensors because "
-            + "; ".join(skipped), RuntimeWarning, stacklevel=4,
-        )
+        warn_caller(f"rmda_fused: backend='auto' uses {name!r} for {device_type} tensors "
+                    "because " + "; ".join(skipped), RuntimeWarning)
     return name
 
 
 @functools.lru_cache(maxsize=None)
 def _warn_fallback(backend: str, reason: str) -> None:
-    warnings.warn(
-        f"rmda_fused: backend {backend!r} cannot take {reason}; those parameters run on "
-        "the 'reference' backend (slower, same update)", RuntimeWarning, stacklevel=5,
-    )
+    warn_caller(f"rmda_fused: backend {backend!r} cannot take {reason}; those parameters "
+                "run on the 'reference' backend (slower, same update)", RuntimeWarning)
 
 
 def _fallback_reason(p: Tensor, g: Tensor, w0: Tensor, v: Tensor) -> str | None:
@@ -117,14 +125,14 @@ def _describer(name: Callable[[int], str]) -> Callable[[int, Tensor], str]:
     return lambda i, p: f"{name(i)} (shape {tuple(p.shape)})"
 
 
-def check_grads(batch: StepBatch,
+def check_grads(params: list[Tensor], grads: list[Tensor],
                 name: Callable[[int], str] = "parameter {}".format) -> None:
     """Check what a caller hands in anew every step, the parameters and their gradients:
     raise a ValueError/TypeError naming the first that does not fit (``name(i)`` names
     entry i). The optimizer checks only this per step: it made the state itself, and
     load_state_dict checks the state it loads."""
     describe = _describer(name)
-    for i, (p, g) in enumerate(zip(batch.params, batch.grads)):
+    for i, (p, g) in enumerate(zip(params, grads)):
         if g.is_complex() or p.is_complex():
             raise TypeError(f"rmda_step: RMDA does not support complex parameters or "
                             f"gradients ({describe(i, p)})")
@@ -149,7 +157,7 @@ def check_batch(batch: StepBatch, options: StepOptions,
     """:func:`check_grads`, and the state tensors of every entry: raise a
     ValueError/TypeError naming the first parameter whose tensors do not fit the step,
     before any tensor is written. ``name(i)`` names entry i of the batch."""
-    check_grads(batch, name)
+    check_grads(batch.params, batch.grads, name)
     prox = options.prox
     _describe = _describer(name)
     for i, (p, g, w0, v, t, a, mask, view) in enumerate(zip(*batch.lists())):
@@ -181,12 +189,57 @@ def check_batch(batch: StepBatch, options: StepOptions,
                                  f"{p.device}")
 
 
+def nonfinite_flag(grads: list[Tensor]) -> Tensor | None:
+    """found_inf for gradients no GradScaler has checked: a float32 scalar on the first
+    gradient's device, 1 when a gradient's entries sum to a NaN or an infinity, which every
+    NaN or infinite entry makes them do (None: no gradients). No host sync.
+
+    A plain fp32 sum is the cheapest reduction that propagates them (a max-norm costs 3-8x
+    more on CPU). On CPU it runs per tensor; elsewhere as multi-tensor L1 norms, a few
+    launches for any number of tensors. (A finite gradient beyond the fp32 range, |sum| >
+    3.4e38, also counts as non-finite: its update would not be finite either.)"""
+    by_bucket: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for g in grads:
+        by_bucket.setdefault((g.device, g.dtype), []).append(g)
+    if not by_bucket:
+        return None
+    device = next(iter(by_bucket))[0]
+    sums = []
+    for (where, _), gs in by_bucket.items():
+        if where.type == "cpu":
+            sums += [g.sum(dtype=torch.float32) for g in gs]
+        else:
+            sums += torch._foreach_norm(gs, 1, dtype=torch.float32)
+    if any(x.device != device for x in sums):
+        sums = [x.to(device, non_blocking=True) for x in sums]
+    return torch.stack(sums).isfinite().all().logical_not().to(torch.float32)
+
+
+_MINUS_ONE: dict[torch.device, Tensor] = {}  # a plain dict, as _RESOLVED
+
+
+def _minus_one(device: torch.device) -> Tensor:
+    if device not in _MINUS_ONE:
+        _MINUS_ONE[device] = torch.full((), -1.0, dtype=torch.float32, device=device)
+    return _MINUS_ONE[device]
+
+
+def _signed(options: StepOptions, device: torch.device) -> StepOptions:
+    """``maximize`` as every backend can take it: every backend divides the gradient by
+    grad_scale (through the step size, never per element), so a negated grad_scale is the
+    exact sign flip of the gradient."""
+    if not options.maximize:
+        return options
+    scale = _minus_one(device) if options.grad_scale is None else options.grad_scale.neg()
+    return dataclasses.replace(options, grad_scale=scale, maximize=False)
+
+
 def step_batch_(batch: StepBatch, options: StepOptions, backend: str) -> None:
     """One step of a validated batch: per device, the fused backend takes what it can and
     the rest runs on ``reference``. The optimizer calls this after its own checks."""
     for device, on_device in batch.devices():
         name = resolve_backend(backend, device)
-        options_here = _on(options, device)
+        options_here = _signed(_on(options, device), device)
         if name != "reference":
             reasons = [_fallback_reason(p, g, w0, v) for p, g, w0, v in
                        zip(on_device.params, on_device.grads, on_device.initials,
@@ -210,7 +263,7 @@ def _on(options: StepOptions, device: torch.device) -> StepOptions:
             moved[key] = value.to(device, non_blocking=True)
     if not moved:
         return options
-    return StepOptions(**{**options.__dict__, **moved})
+    return dataclasses.replace(options, **moved)
 
 
 def rmda_step(
@@ -228,6 +281,7 @@ def rmda_step(
     grouping: str,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    maximize: bool = False,
     backend: str = "auto",
 ) -> None:
     """One RMDA step (docs/algorithm.md, "The update") for parameters that share lr,
@@ -235,15 +289,17 @@ def rmda_step(
 
     Updates ``params``, ``duals``, ``steps``, ``alphas`` and ``zero_masks`` in place.
     ``zero_masks[i]`` (one bool per group, or None for ``grouping='none'``) receives which
-    groups of the prox point z are exactly zero. Every argument is checked before any
-    tensor is written.
+    groups of the prox point z are exactly zero. ``maximize`` steps up the gradient. Every
+    argument is checked, and the backend resolved, before any tensor is written.
     """
     check_grouping(grouping)
     check_backend_name(backend)
     views = [group_view(p.shape, grouping) for p in params]
     batch = StepBatch(params, grads, initials, duals, steps, alphas, zero_masks, views)
-    options = StepOptions(lr, momentum, lam, grouping, grad_scale, found_inf)
+    options = StepOptions(lr, momentum, lam, grouping, grad_scale, found_inf, maximize)
     if not len(batch):
         return
     check_batch(batch, options)
+    for device, _ in batch.devices():
+        resolve_backend(backend, device)
     step_batch_(batch, options, backend)

@@ -7,10 +7,11 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from . import functional
+from . import _state_loading, functional
+from ._warnings import warn_caller
 from .batch import StepBatch, StepOptions, state_dtype
 from .grouping import GroupView, check_grouping, effective_grouping, group_prox_, group_view
-from .structure import MASK_KEY, with_current_mask_key
+from .structure import MASK_KEY
 
 __all__ = ["RMDA", "STATE_KEYS"]
 
@@ -28,18 +29,49 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+# torch.optim's standard switches. RMDA accepts them when off; each job they name is done by
+# a backend instead, chosen with ``backend=``.
+_TORCH_SWITCHES = {
+    "foreach": "RMDA always runs multi-tensor: backend='reference' is its torch._foreach "
+               "implementation, backend='auto' a fused kernel",
+    "fused": "backend='auto' already runs a fused kernel where one is available; name one "
+             "with backend='cpu', 'cuda' or 'triton'",
+    "capturable": "CUDA-graph capture of RMDA's step is not supported yet; the 'cuda' and "
+                  "'triton' backends already read lr, grad_scale and found_inf on the device "
+                  "without host syncs",
+    "differentiable": "no backend differentiates through RMDA's step",
+}
+_MOMENTUM_WARN_ABOVE = 0.5
+# group keys a state dict or pickle from before they existed may lack, with their defaults
+_OPTIONAL_DEFAULTS: dict[str, Any] = dict(
+    maximize=False, skip_nonfinite=True, weight_decay=0.0, foreach=None, fused=None,
+    capturable=False, differentiable=False)
+_OPTIONAL_KEYS = tuple(_OPTIONAL_DEFAULTS)
+
+
 class RMDA(torch.optim.Optimizer):
     r"""Regularized Modernized Dual Averaging (Huang & Lee, ICLR 2022, Algorithm 1).
 
     Args:
-        params: parameters or param groups (dicts may set lr, momentum, lam, grouping).
+        params: parameters, named parameters or param groups (dicts may set lr, momentum,
+            lam, grouping, maximize, skip_nonfinite).
         lr: the base step size; step t uses ``s_t = lr * sqrt(t)``.
         momentum: **c**, the weight of the new prox point in ``W <- (1-c) W + c z``,
-            0 < c <= 1 (the authors use 0.1). Not SGD's 0.9.
+            0 < c <= 1 (the authors use 0.1). Not SGD's 0.9: above 0.5 RMDA warns once.
         lam: regularization strength (group LASSO / L1), >= 0.
         grouping: ``"input_channel"``, ``"output_channel"``, ``"elementwise"`` (L1) or
-            ``"none"``; see :mod:`rmda_fused.grouping`.
+            ``"none"``; see :mod:`rmda_fused.grouping`. Tensors with fewer than 2 dims
+            (biases, norm weights) are not regularized in a channel grouping.
         backend: ``"auto"`` or a name from :func:`rmda_fused.available_backends`.
+        maximize: follow the gradient upwards (the objective is maximized).
+        skip_nonfinite: when no GradScaler hands over ``found_inf``, check the gradients
+            of these groups for NaN/inf on the device (one extra read of the gradients, no
+            host sync) and skip the step for all of them if any is not finite, so that V
+            never holds a NaN; ``False`` saves that read.
+        weight_decay: accepted as 0 only (optimizer factories pass it): ``lam`` is RMDA's
+            regularizer.
+        foreach, fused, capturable, differentiable: torch.optim's switches, accepted when
+            False or None; ``backend`` does their jobs.
 
     The per-parameter state keys are ``initial``, ``dual``, ``step``, ``alpha`` and
     ``zero_mask`` (see ``STATE_KEYS`` in this module). ``restart()`` resets the dual
@@ -51,68 +83,113 @@ class RMDA(torch.optim.Optimizer):
 
     def __init__(
         self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],
         lr: float | Tensor = 0.1,
         momentum: float = 0.1,
         lam: float = 0.0,
         grouping: str = "input_channel",
         backend: str = "auto",
-        **unsupported: Any,
+        *,
+        maximize: bool = False,
+        skip_nonfinite: bool = True,
+        weight_decay: float = 0.0,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
-        self._reject_unsupported(unsupported)
-        functional.check_backend_name(backend)
-        defaults = dict(lr=lr, momentum=momentum, lam=lam, grouping=grouping, backend=backend)
+        defaults = dict(lr=lr, momentum=momentum, lam=lam, grouping=grouping, backend=backend,
+                        maximize=maximize, skip_nonfinite=skip_nonfinite,
+                        weight_decay=weight_decay, foreach=foreach, fused=fused,
+                        capturable=capturable, differentiable=differentiable)
         self._check_hyperparameters(defaults, where="RMDA")
+        self._check_switches(defaults, where="RMDA")
+        self._momentum_warned = False
         super().__init__(params, defaults)
+        # torch's loading casts state to the parameter's dtype: these hooks keep RMDA's
+        # (rmda_fused/_state_loading.py); first among post-hooks, so the caller's run after
+        self.register_load_state_dict_post_hook(_state_loading.unwrap, prepend=True)
 
-    @staticmethod
-    def _reject_unsupported(kwargs: dict[str, Any]) -> None:
-        # optimizer factories (Hugging Face, timm) always pass weight_decay: 0 means none
-        weight_decay = kwargs.pop("weight_decay", 0.0)
-        if not (_is_number(weight_decay) and weight_decay == 0.0):
-            raise ValueError(
-                "RMDA has no weight_decay: the regularizer lam replaces it (weight_decay=0 is "
-                f"accepted); got weight_decay={weight_decay!r}"
-            )
-        if kwargs:
-            raise TypeError(f"RMDA got unexpected keyword arguments {sorted(kwargs)}")
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_momentum_warned", False)
+        for group in self.param_groups:  # optimizers pickled before these options existed
+            for key in _OPTIONAL_KEYS:
+                group.setdefault(key, _OPTIONAL_DEFAULTS[key])
 
     @staticmethod
     def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
         lr, momentum, lam = group["lr"], group["momentum"], group["lam"]
         if isinstance(lr, Tensor):
             if lr.numel() != 1:
-                raise ValueError(f"{where}: a tensor lr must have one element, got shape {tuple(lr.shape)}")
+                raise ValueError(f"{where}: Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
         elif not _is_number(lr) or not 0.0 <= lr < math.inf:
-            raise ValueError(f"{where}: invalid learning rate lr={lr!r} (must be a finite number >= 0)")
+            raise ValueError(f"{where}: Invalid learning rate: {lr!r} (must be a finite number >= 0)")
         if not _is_number(momentum) or not 0.0 < momentum <= 1.0:
             raise ValueError(
-                f"{where}: invalid momentum={momentum!r}: RMDA's momentum is c, the weight of "
-                "the new point, and must satisfy 0 < c <= 1 (the paper uses 0.1, not SGD's 0.9)"
+                f"{where}: Invalid momentum value: {momentum!r}: RMDA's momentum is c, the "
+                "weight of the new point, and must satisfy 0 < c <= 1 (the paper uses 0.1, "
+                "not SGD's 0.9)"
             )
         if not _is_number(lam) or not 0.0 <= lam < math.inf:
-            raise ValueError(f"{where}: invalid lam={lam!r} (must be a finite number >= 0)")
+            raise ValueError(f"{where}: Invalid lam value: {lam!r} (must be a finite number >= 0)")
+        weight_decay = group.get("weight_decay", 0.0)
+        if not (_is_number(weight_decay) and weight_decay == 0.0):
+            raise ValueError(
+                f"{where}: Invalid weight_decay value: {weight_decay!r}: RMDA has no "
+                "weight_decay, the regularizer lam replaces it (weight_decay=0 is accepted)")
+        for flag in ("maximize", "skip_nonfinite"):
+            if not isinstance(group.get(flag, False), bool):
+                raise TypeError(f"{where}: {flag} must be True or False, got {group[flag]!r}")
         try:
             check_grouping(group["grouping"])
             functional.check_backend_name(group["backend"])
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
-        if "weight_decay" in group:
-            RMDA._reject_unsupported({"weight_decay": group["weight_decay"]})
+
+    @staticmethod
+    def _check_switches(group: dict[str, Any], where: str) -> None:
+        """torch.optim's switches, checked when a group is made or loaded, not per step:
+        torch.compile traces a step with every group's "capturable" set to True."""
+        for switch, instead in _TORCH_SWITCHES.items():
+            value = group.get(switch)
+            if value not in (None, False):
+                raise ValueError(f"{where}: {switch}={value!r} is not supported: {instead} "
+                                 f"(pass {switch}=False or None)")
+
+    def _warn_if_large_momentum(self, typed: bool) -> None:
+        """Once per optimizer: c above 0.5 typed in (``typed``) is almost always SGD's
+        momentum by habit; set by OneCycleLR/CyclicLR, it is their cycle of "momentum",
+        which is c here. (MultiStepRestart raises c towards 1 on purpose: not warned.)"""
+        for group in self.param_groups:
+            if self._momentum_warned or group["momentum"] <= _MOMENTUM_WARN_ABOVE:
+                continue
+            if "max_momentum" in group or "base_momentum" in group:
+                cause = ("a OneCycleLR or CyclicLR scheduler cycles 'momentum', which is c in "
+                         "RMDA: create it with cycle_momentum=False")
+            elif typed:
+                cause = ("SGD's momentum typed by habit? RMDA's c is the weight of the new "
+                         "point, and the paper uses 0.1")
+            else:
+                continue
+            warn_caller(f"RMDA: momentum c={group['momentum']} > {_MOMENTUM_WARN_ABOVE}: {cause}")
+            self._momentum_warned = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         try:
             self._check_new_group(self.param_groups[-1], len(self.param_groups) - 1)
-        except (TypeError, ValueError):
+        except Exception:
             self.param_groups.pop()  # a refused group leaves the optimizer as it was
             raise
+        self._warn_if_large_momentum(typed=True)
 
     def _check_new_group(self, group: dict[str, Any], index: int) -> None:
         self._check_hyperparameters(group, where=f"param group {index}")
+        self._check_switches(group, where=f"param group {index}")
         if isinstance(group["lr"], Tensor) and not 0.0 <= float(group["lr"]) < math.inf:
             # checked once here, not per step: reading a device lr would sync
-            raise ValueError(f"param group {index}: invalid learning rate lr={group['lr']!r} "
+            raise ValueError(f"param group {index}: Invalid learning rate: {group['lr']!r} "
                              "(must be finite and >= 0)")
         for i, p in enumerate(group["params"]):
             name = f"param group {index}, parameter {i}"
@@ -120,6 +197,8 @@ class RMDA(torch.optim.Optimizer):
                 raise TypeError(f"RMDA does not support complex parameters ({name}, shape {tuple(p.shape)})")
             if not p.is_floating_point():
                 raise TypeError(f"RMDA needs floating-point parameters ({name} is {p.dtype})")
+        for device in dict.fromkeys(p.device for p in group["params"]):
+            functional.resolve_backend(group["backend"], device)  # the step only looks it up
 
     # -- state -----------------------------------------------------------------------------
 
@@ -143,26 +222,21 @@ class RMDA(torch.optim.Optimizer):
             state[MASK_KEY] = torch.zeros(view.groups, dtype=torch.bool, device=p.device)
         return state
 
-    def _batches(self, group: dict[str, Any]) -> dict[str, tuple[StepBatch, list[int]]]:
-        """The step batches of one param group, one per grouping its parameters take (1-D
-        tensors take none in a channel grouping): every parameter that has a gradient, with
-        each entry's position in ``group["params"]``."""
-        entries: dict[str, tuple[list[tuple], list[int]]] = {}
-        for position, p in enumerate(group["params"]):
-            grad = p.grad
-            if grad is None:
-                continue
+    def _batches(self, group: dict[str, Any],
+                 with_grad: list[tuple[int, Tensor]]) -> dict[str, StepBatch]:
+        """The step batches of one param group's parameters that have a gradient (position,
+        parameter), one per grouping they take (1-D tensors take none in a channel
+        grouping); creates the state of parameters stepping for the first time."""
+        rows: dict[str, list[tuple]] = {}
+        for _, p in with_grad:
             grouping = effective_grouping(p.shape, group["grouping"])
             view = group_view(p.shape, grouping)
             state = self._state_for(p, grouping, view)
-            if grouping not in entries:
-                entries[grouping] = ([], [])
-            rows, positions = entries[grouping]
-            rows.append((p, grad, state["initial"], state["dual"], state["step"],
-                         state["alpha"], state.get(MASK_KEY), view))
-            positions.append(position)
-        return {grouping: (StepBatch(*map(list, zip(*rows))), positions)
-                for grouping, (rows, positions) in entries.items()}
+            rows.setdefault(grouping, []).append(
+                (p, p.grad, state["initial"], state["dual"], state["step"], state["alpha"],
+                 state.get(MASK_KEY), view))
+        return {grouping: StepBatch(*map(list, zip(*entries)))
+                for grouping, entries in rows.items()}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -172,19 +246,31 @@ class RMDA(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        # every group is checked before any parameter or update state is written: a refused
-        # step changes no value (it may only have created the state of new parameters)
+        # every group is checked, and its backend resolved, before any state is created or
+        # any tensor written: a refused step leaves the optimizer and the parameters as
+        # they were
         work = []
         for index, group in enumerate(self.param_groups):
             self._check_hyperparameters(group, where=f"param group {index}")
-            for grouping, (batch, positions) in self._batches(group).items():
+            with_grad = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
+            functional.check_grads([p for _, p in with_grad], [p.grad for _, p in with_grad],
+                                   lambda k: f"param group {index}, parameter {with_grad[k][0]}")
+            for device in dict.fromkeys(p.device for _, p in with_grad):
+                functional.resolve_backend(group["backend"], device)
+            work.append((group, with_grad))
+        if not self._momentum_warned:
+            self._warn_if_large_momentum(typed=False)
+        checked_inf = found_inf
+        if found_inf is None:  # no GradScaler checked these gradients: check them here
+            checked_inf = functional.nonfinite_flag(
+                [p.grad for group, with_grad in work if group["skip_nonfinite"]
+                 for _, p in with_grad])
+        for group, with_grad in work:
+            skip_flag = checked_inf if group["skip_nonfinite"] else found_inf
+            for grouping, batch in self._batches(group, with_grad).items():
                 options = StepOptions(group["lr"], group["momentum"], group["lam"], grouping,
-                                      grad_scale, found_inf)
-                functional.check_grads(
-                    batch, lambda i: f"param group {index}, parameter {positions[i]}")
-                work.append((batch, options, group["backend"]))
-        for batch, options, backend in work:
-            functional.step_batch_(batch, options, backend)
+                                      grad_scale, skip_flag, group["maximize"])
+                functional.step_batch_(batch, options, group["backend"])
         return loss
 
     def backend_names(self) -> list[str]:
@@ -235,45 +321,12 @@ class RMDA(torch.optim.Optimizer):
     # -- state_dict ------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # torch casts floating state to the parameter's dtype; RMDA keeps V, t, A in
-        # state_dtype and the zero mask as bool, so put the saved values back exactly.
-        state_dict = with_current_mask_key(state_dict)
-        saved = state_dict["state"]
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        if len(ids) == len(params):  # else torch's loading names the mismatch
-            _check_state_shapes(saved, ids, params)
-        # the backend is a property of this machine, not of the run: keep the live choice
-        backends = [g["backend"] for g in self.param_groups]
-        super().load_state_dict(state_dict)
-        for group, backend in zip(self.param_groups, backends):
-            group["backend"] = backend
-        for pid, p in zip(ids, params):
-            if pid not in saved:
-                continue
-            for key, value in saved[pid].items():
-                if key == "initial":
-                    dtype = p.dtype
-                elif key == MASK_KEY:
-                    dtype = torch.bool
-                else:
-                    dtype = state_dtype(p.dtype)
-                self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
-
-
-def _check_state_shapes(saved: dict[Any, dict[str, Any]], ids: list[Any],
-                        params: list[Tensor]) -> None:
-    """Before anything is loaded: every saved W0 and V has its parameter's shape, t and A
-    one element each (the step checks only gradients, so a wrong state must stop here)."""
-    for index, (pid, p) in enumerate(zip(ids, params)):
-        entry = saved.get(pid, {})
-        for key, numel in (("initial", None), ("dual", None), ("step", 1), ("alpha", 1)):
-            value = entry.get(key)
-            if not isinstance(value, Tensor):
-                continue
-            if (value.shape != p.shape) if numel is None else (value.numel() != numel):
-                want = tuple(p.shape) if numel is None else "one element"
-                raise ValueError(
-                    f"load_state_dict: state {key!r} of parameter {index} has shape "
-                    f"{tuple(value.shape)}, expected {want} (the parameter has shape "
-                    f"{tuple(p.shape)})")
+        """torch's loading, after every load pre-hook: the state dict is checked against
+        this optimizer (group count and sizes, hyper-parameters, each state entry's keys,
+        shapes and dtypes) before anything changes, and the first mismatch is named. The
+        live ``backend`` of each group is kept; V, t and A load in RMDA's state dtypes."""
+        check = self.register_load_state_dict_pre_hook(_state_loading.check_and_wrap)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            check.remove()

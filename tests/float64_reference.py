@@ -147,7 +147,8 @@ class Float64RMDA:
         st.A = self.accumulate_alpha(st.A, s)
         st.V = self.accumulate_dual(st.V, s, g)
         z = self.dual_point(st.W0, st.V, beta)
-        if grouping != "none":  # "none": no regularization, lam ignored
+        channel_less = grouping in ("input_channel", "output_channel") and g.dim() < 2
+        if grouping != "none" and not channel_less:  # no regularization there, lam ignored
             tau = self.threshold(lam, st.A, beta)
             z, st.zero, st.margin, st.norm = self.prox(z, tau, grouping)
         st.z = z
