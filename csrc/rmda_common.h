@@ -12,7 +12,7 @@
 
 namespace rmda_fused {
 
-// Per-tensor (outer, groups, inner) view of a contiguous tensor; group g is view[:, g, :].
+// Per-tensor (outer, groups, inner) view of a tensor's dense memory; group g is view[:, g, :].
 // Built in Python by rmda_fused.grouping (the one place that knows the groupings) and handed
 // to the op as a flat int list of triples; an empty list means grouping 'none' (no prox).
 struct GroupView {
@@ -71,8 +71,11 @@ inline void check_step_args(
     for (const at::Tensor* t : {&p, &grads[i], &initials[i], &duals[i]}) {
       TORCH_CHECK(t->device() == p.device(), "rmda_step_: tensors of parameter ", i,
                   " are on different devices");
-      TORCH_CHECK(t->is_contiguous(), "rmda_step_: tensors of parameter ", i,
-                  " must be contiguous (the group view is defined on the contiguous layout)");
+      // the kernels walk memory: a dense layout (contiguous or permuted, e.g. channels_last)
+      // shared by all four tensors, over which the caller expressed the group view
+      TORCH_CHECK(t->is_non_overlapping_and_dense() && t->strides() == p.strides(),
+                  "rmda_step_: tensors of parameter ", i, " must share one dense memory "
+                  "layout (the group view is defined over it)");
       TORCH_CHECK(t->numel() == p.numel(), "rmda_step_: tensors of parameter ", i,
                   " differ in size");
     }

@@ -8,8 +8,9 @@ Every backend module lives in ``rmda_fused/backends/`` and exposes
 - ``rmda_step_(batch: StepBatch, options: StepOptions)``: the in-place step of
   docs/algorithm.md, "The update", on a batch this module has validated.
 
-The fused backends (cpu, cuda, triton) take contiguous tensors of fp32/fp64/bf16/fp16
-parameters; anything else runs on ``reference`` in the same step, with a warning (once per
+The fused backends (cpu, cuda, triton) take fp32/fp64/bf16/fp16 parameters whose memory is
+dense (contiguous or permuted, e.g. channels_last) and laid out as their gradient's and
+state's; anything else runs on ``reference`` in the same step, with a warning (once per
 reason) that says why.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor
 from ._warnings import warn_caller
 from .backends import cpu, cuda, reference, triton
 from .batch import StepBatch, StepOptions, state_dtype
-from .grouping import check_grouping, group_view
+from .grouping import check_grouping, memory_group_view, memory_order
 
 __all__ = ["rmda_step", "available_backends", "resolve_backend", "check_backend_name"]
 
@@ -110,14 +111,18 @@ def _warn_fallback(backend: str, reason: str) -> None:
                 "run on the 'reference' backend (slower, same update)", RuntimeWarning)
 
 
-def _fallback_reason(p: Tensor, g: Tensor, w0: Tensor, v: Tensor) -> str | None:
-    """Why a fused kernel cannot take this parameter (None: it can)."""
+def _fallback_reason(p: Tensor, g: Tensor, w0: Tensor, v: Tensor, grouping: str) -> str | None:
+    """Why a fused kernel cannot take this parameter (None: it can). The kernels walk the
+    four tensors' memory in one order, through the group view of
+    :func:`~rmda_fused.grouping.memory_group_view`."""
     if p.dtype not in _FUSED_PARAM_DTYPES:
         return f"{p.dtype} parameters"
-    if not (p.is_contiguous() and g.is_contiguous() and w0.is_contiguous()
-            and v.is_contiguous()):
-        return ("non-contiguous parameters or gradients (e.g. channels_last): the fused "
-                "kernels use the contiguous (outer, groups, inner) group view")
+    if memory_order(p) is None or not (p.stride() == g.stride() == w0.stride() == v.stride()):
+        return ("parameters whose gradient or state has another memory layout, or whose "
+                "memory is not dense")
+    if grouping == "elementwise" and not p.is_contiguous():
+        return ("elementwise groups of a permuted layout (e.g. channels_last): the zero "
+                "mask follows the logical order")
     return None
 
 
@@ -241,7 +246,7 @@ def step_batch_(batch: StepBatch, options: StepOptions, backend: str) -> None:
         name = resolve_backend(backend, device)
         options_here = _signed(_on(options, device), device)
         if name != "reference":
-            reasons = [_fallback_reason(p, g, w0, v) for p, g, w0, v in
+            reasons = [_fallback_reason(p, g, w0, v, options.grouping) for p, g, w0, v in
                        zip(on_device.params, on_device.grads, on_device.initials,
                            on_device.duals)]
             if any(reasons):
@@ -294,7 +299,7 @@ def rmda_step(
     """
     check_grouping(grouping)
     check_backend_name(backend)
-    views = [group_view(p.shape, grouping) for p in params]
+    views = [memory_group_view(p, grouping) for p in params]
     batch = StepBatch(params, grads, initials, duals, steps, alphas, zero_masks, views)
     options = StepOptions(lr, momentum, lam, grouping, grad_scale, found_inf, maximize)
     if not len(batch):

@@ -64,6 +64,30 @@ def group_view(shape: torch.Size | tuple[int, ...], grouping: str) -> GroupView 
     raise ValueError(f"unknown grouping {grouping!r}")
 
 
+def memory_order(tensor: torch.Tensor) -> list[int] | None:
+    """The dims of ``tensor`` from outermost to innermost in memory when its memory is dense
+    (a contiguous tensor or a permutation of one, e.g. channels_last); None otherwise."""
+    order = sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))  # stable for ties
+    return order if tensor.permute(order).is_contiguous() else None
+
+
+def memory_group_view(tensor: torch.Tensor, grouping: str) -> GroupView | None:
+    """The (outer, groups, inner) view of ``tensor``'s memory, which a fused kernel walks:
+    ``group_view`` for a contiguous tensor; for a dense permuted one (channels_last), a
+    channel group is still one index of one dim, so its dim's place in memory order gives
+    the view. Elementwise groups of a permuted tensor, and non-dense tensors, get the
+    logical view: the functional core runs those on ``reference``, which ignores views."""
+    view = group_view(tensor.shape, grouping)
+    if view is None or grouping == "elementwise" or tensor.is_contiguous():
+        return view
+    order = memory_order(tensor)
+    if order is None:
+        return view
+    sizes = [tensor.shape[d] for d in order]
+    k = order.index(1 if grouping == "input_channel" else 0)
+    return GroupView(math.prod(sizes[:k]), sizes[k], math.prod(sizes[k + 1:]))
+
+
 def num_groups(shape: torch.Size | tuple[int, ...], grouping: str) -> int:
     view = group_view(shape, grouping)
     return 0 if view is None else view.groups

@@ -10,7 +10,9 @@ from torch import Tensor
 from . import _state_loading, functional
 from ._warnings import warn_caller
 from .batch import StepBatch, StepOptions, state_dtype
-from .grouping import GroupView, check_grouping, effective_grouping, group_prox_, group_view
+from .grouping import (
+    GroupView, check_grouping, effective_grouping, group_prox_, group_view, memory_group_view,
+)
 from .structure import MASK_KEY
 
 __all__ = ["RMDA", "STATE_KEYS"]
@@ -230,7 +232,7 @@ class RMDA(torch.optim.Optimizer):
         rows: dict[str, list[tuple]] = {}
         for _, p in with_grad:
             grouping = effective_grouping(p.shape, group["grouping"])
-            view = group_view(p.shape, grouping)
+            view = memory_group_view(p, grouping)  # what the kernels walk; same group count
             state = self._state_for(p, grouping, view)
             rows.setdefault(grouping, []).append(
                 (p, p.grad, state["initial"], state["dual"], state["step"], state["alpha"],

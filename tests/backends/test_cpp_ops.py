@@ -205,15 +205,34 @@ def test_lr_tensor_and_mixed_dtypes_in_one_call(device):
                      {key: [v[k]] for key, v in ref.items()}, dtypes[k])
 
 
-def test_non_contiguous_parameter_goes_to_reference():
+@pytest.mark.parametrize("grouping", ["input_channel", "output_channel", "none"])
+def test_channels_last_parameter_runs_fused(grouping, recwarn):
+    """A dense permuted layout shared by the parameter, its gradient and its state runs in
+    the cpu kernel over the memory-order group view, without a fallback."""
     p = torch.randn(8, 6, 3, 3).to(memory_format=torch.channels_last)
-    ours = _make([p.shape], torch.float32, "input_channel", seed=10)
+    ours = _make([p.shape], torch.float32, grouping, seed=10)
     ours["params"][0] = p.clone(memory_format=torch.channels_last)
     ours["initials"][0] = p.clone(memory_format=torch.channels_last)
+    ours["duals"][0] = ours["duals"][0].contiguous(memory_format=torch.channels_last)
     ref = _clone(ours)
     grads = [torch.randn(8, 6, 3, 3).to(memory_format=torch.channels_last)]
-    # the functional core routes it: the cpu kernel takes the contiguous group view only
-    with pytest.warns(RuntimeWarning, match="channels_last.*'reference'"):
+    for _ in range(3):
+        functional.rmda_step(ours["params"], grads, ours["initials"], ours["duals"],
+                             ours["steps"], ours["alphas"], ours["zero_masks"], lr=0.1,
+                             momentum=0.3, lam=0.5, grouping=grouping, backend="cpu")
+        _step(reference, ref, grads, grouping)
+    assert not [w for w in recwarn if "reference" in str(w.message)]
+    assert ours["params"][0].is_contiguous(memory_format=torch.channels_last)
+    _assert_same(ours, ref, torch.float32)
+
+
+def test_parameter_whose_state_has_another_layout_goes_to_reference():
+    p = torch.randn(8, 6, 3, 3).to(memory_format=torch.channels_last)
+    ours = _make([p.shape], torch.float32, "input_channel", seed=10)
+    ours["params"][0] = p.clone(memory_format=torch.channels_last)  # state stays contiguous
+    ref = _clone(ours)
+    grads = [torch.randn(8, 6, 3, 3).to(memory_format=torch.channels_last)]
+    with pytest.warns(RuntimeWarning, match="another memory layout.*'reference'"):
         functional.rmda_step(ours["params"], grads, ours["initials"], ours["duals"],
                              ours["steps"], ours["alphas"], ours["zero_masks"], lr=0.1,
                              momentum=0.3, lam=0.5, grouping="input_channel", backend="cpu")

@@ -112,11 +112,13 @@ def test_tables_are_cached_while_pointers_are_unchanged(device):
         torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("grouping", ["none", "elementwise"])
-def test_channels_last_never_reaches_the_kernels(device, grouping, monkeypatch):
-    """The fused kernels take contiguous tensors only: through the functional core a
-    channels_last parameter runs on the reference backend, the contiguous ones of the same
-    step on the kernels."""
+@pytest.mark.parametrize("grouping, fused_shapes", [
+    ("none", [(4, 3, 3, 3), (7,)]),
+    ("elementwise", [(7,)]),  # its mask follows the logical order: reference takes it
+])
+def test_channels_last_in_the_kernels(device, grouping, fused_shapes, monkeypatch):
+    """Through the functional core a channels_last parameter (gradient and state in the
+    same layout) runs in the kernels, which walk memory, except for elementwise groups."""
     from kernel_testing import functional_step, spy_on_triton
 
     params = Params([(4, 3, 3, 3), (7,)], grouping, device=device)
@@ -129,7 +131,7 @@ def test_channels_last_never_reaches_the_kernels(device, grouping, monkeypatch):
     fused = spy_on_triton(monkeypatch)
     functional_step(params, grads)
     reference_step(expected, grads)
-    assert [[tuple(p.shape) for p in batch.params] for batch in fused] == [[(7,)]]
+    assert [[tuple(p.shape) for p in batch.params] for batch in fused] == [fused_shapes]
     for mine, theirs in zip(params.p, expected.p):
         torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
 

@@ -156,20 +156,26 @@ def test_launch_budget_and_no_respecialization(device, monkeypatch):
             assert compiled() == variants, "an lr change compiled a new kernel variant"
 
 
-def test_channels_last_never_reaches_the_kernels(device, monkeypatch):
-    """The grouped kernels need the contiguous (outer, groups, inner) view: through the
-    functional core a channels_last parameter runs on the reference backend, the
-    contiguous ones of the same step on the kernels."""
+@pytest.mark.parametrize("grouping", ["input_channel", "output_channel"])
+def test_channels_last_in_the_grouped_kernels(device, grouping, monkeypatch):
+    """A channels_last parameter whose gradient and state share its layout runs in the
+    grouped kernels over the memory-order view (channel groups are still (outer, groups,
+    inner) slices of memory); one whose state is contiguous runs on the reference backend."""
     from kernel_testing import functional_step, spy_on_triton
 
-    params = Params([(6, 4, 3, 3), (5, 3, 3, 3)], "input_channel", device=device)
-    params.p[0] = params.p[0].to(memory_format=torch.channels_last)
+    params = Params([(6, 4, 3, 3), (5, 3, 3, 3)], grouping, device=device)
+    for key in ("p", "w0", "v"):
+        getattr(params, key)[0] = getattr(params, key)[0].contiguous(
+            memory_format=torch.channels_last)
+    params.p[1] = params.p[1].contiguous(memory_format=torch.channels_last)
     expected = params.clone()
-    grads = grads_for(params, torch.Generator().manual_seed(8))
+    gen = torch.Generator().manual_seed(8)
     fused = spy_on_triton(monkeypatch)
-    functional_step(params, grads)
-    reference_step(expected, grads)
-    assert [[tuple(p.shape) for p in batch.params] for batch in fused] == [[(5, 3, 3, 3)]]
+    for _ in range(3):
+        grads = [g.contiguous(memory_format=torch.channels_last) for g in grads_for(params, gen)]
+        functional_step(params, grads)
+        reference_step(expected, grads)
+    assert [[tuple(p.shape) for p in batch.params] for batch in fused] == [[(6, 4, 3, 3)]] * 3
     for mine, theirs in zip(params.p, expected.p):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
     for mine, theirs in zip(params.m, expected.m):
