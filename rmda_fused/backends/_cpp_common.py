@@ -1,5 +1,6 @@
 """What the cpu and cuda backends share: a step batch packed into ``rmda_fused::rmda_step_``
-(schema in csrc/bindings.cpp). The functional core hands over validated, contiguous batches."""
+(schema in csrc/bindings.cpp). The functional core hands over validated batches of dense
+tensors with their memory-order group views."""
 from __future__ import annotations
 
 import torch

@@ -49,12 +49,22 @@ def handles(device: torch.device) -> bool:
 
 def rmda_step_(batch: StepBatch, options: StepOptions) -> int:
     """The step of docs/algorithm.md, "The update", on a batch that rmda_fused.functional
-    has validated (one device, contiguous tensors, the fused dtypes, grad_scale and found_inf
-    on that device); returns the number of kernel launches it made."""
+    has validated (one device, dense tensors walked through their memory-order group views,
+    the fused dtypes, grad_scale and found_inf on that device); returns the number of kernel
+    launches it made. On CUDA it launches under that device's guard, on its current stream,
+    whichever device is current."""
     if not len(batch):
         return 0
     if _kernels is None:
         raise RuntimeError(unavailable_reason())
+    device = batch.params[0].device
+    if device.type == "cuda":  # Triton launches on the current device's current stream
+        with torch.cuda.device(device):
+            return _launch(batch, options)
+    return _launch(batch, options)
+
+
+def _launch(batch: StepBatch, options: StepOptions) -> int:
     lr, lr_tensor = split_lr(options.lr, batch.params[0].device)
     launches = 0
     # one launch per dtype combination: the tables' pointers are typed at compile time
