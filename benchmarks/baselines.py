@@ -135,6 +135,7 @@ class Method:
     family: str  # "rmda" | "authors" | "proxsgd" | "sgd"
     build: Callable[[list[Tensor], list[bool]], Callable[[], None]]
     bytes_per_elem: Callable[[Tensor, bool], int]  # minimum traffic for one element of p
+    backend: str | None = None  # the RMDA backend a "rmda" method runs on
 
     def bytes_per_step(self, params: list[Tensor], regularized: list[bool]) -> int:
         return sum(p.numel() * self.bytes_per_elem(p, r) for p, r in zip(params, regularized))
@@ -153,9 +154,10 @@ def _groups(params: list[Tensor], regularized: list[bool]) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def _rmda_builder(backend: str):
+def _rmda_builder(backend: str, skip_nonfinite: bool = True):
     def build(params: list[Tensor], regularized: list[bool]) -> Callable[[], None]:
-        opt = RMDA(_groups(params, regularized), lr=LR, momentum=RMDA_MOMENTUM, backend=backend)
+        opt = RMDA(_groups(params, regularized), lr=LR, momentum=RMDA_MOMENTUM, backend=backend,
+                   skip_nonfinite=skip_nonfinite)
         return opt.step
     return build
 
@@ -256,8 +258,12 @@ def rmda_backends(device: str) -> dict[str, str | None]:
 
 def all_methods() -> list[Method]:
     """Every method in report order, whether or not it runs here."""
-    methods = [Method(f"RMDA {name}", "rmda", _rmda_builder(name), _rmda_bytes)
-               for name in available_backends()]
+    methods = []
+    for name in available_backends():
+        methods.append(Method(f"RMDA {name}", "rmda", _rmda_builder(name), _rmda_bytes, name))
+        if name != "reference":  # what the default check of non-finite gradients costs
+            methods.append(Method(f"RMDA {name}, skip_nonfinite=False", "rmda",
+                                  _rmda_builder(name, False), _rmda_bytes, name))
     methods.append(Method("authors-style loop", "authors", _authors_builder, _authors_bytes))
     for impl in ("foreach", "fused"):
         methods.append(Method(f"ProxSGD {impl}", "proxsgd", _sgd_builder(impl, True),
@@ -274,7 +280,7 @@ def methods_for(device: str, dtype: torch.dtype) -> tuple[list[Method], dict[str
     for method in all_methods():
         reason = None
         if method.family == "rmda":
-            reason = backends[method.label.split(" ", 1)[1]]
+            reason = backends[method.backend]
         reason = reason or _probe(method, device, dtype)
         if reason:
             skipped[method.label] = reason
