@@ -17,7 +17,9 @@ of convolutions and linear layers are exactly zero. Two removals are exact (eval
 
 Coupled sets through layers that mix channels (LayerNorm, GroupNorm, grouped or depthwise
 convs, attention) are left alone, so the result stays exact; :func:`compare` checks outputs.
-Needs ``torch-pruning`` (``pip install torch-pruning``).
+Needs ``torch-pruning`` (``pip install torch-pruning``). An architecture whose graph
+Torch-Pruning cannot trace (e.g. ShuffleNet's channel shuffle, a reshape it cannot map
+channels through) raises :class:`SlimError` naming the model and the step that failed.
 """
 from __future__ import annotations
 
@@ -25,17 +27,33 @@ import copy
 import json
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from .grouping import zero_group_mask
 
-__all__ = ["SelectInputs", "slim", "compare", "export_slim"]
+__all__ = ["SelectInputs", "SlimError", "slim", "compare", "export_slim"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class SlimError(RuntimeError):
+    """Torch-Pruning failed on this model (the model itself is untouched)."""
+
+
+@contextmanager
+def _torch_pruning(model: nn.Module, step: str) -> Iterator[None]:
+    """SlimError naming the model's class and ``step`` for whatever Torch-Pruning raises
+    (on ShuffleNetV2, a bare ZeroDivisionError from deep inside its graph code)."""
+    try:
+        yield
+    except Exception as exc:
+        raise SlimError(f"Torch-Pruning failed on {type(model).__name__} while {step}: "
+                        f"{type(exc).__name__}: {exc}") from exc
 
 
 class SelectInputs(nn.Module):
@@ -124,7 +142,8 @@ def slim(model: nn.Module, example_inputs: Tensor, select_inputs: bool = True) -
     import torch_pruning as tp
 
     model = copy.deepcopy(model).eval()  # eval: BN uses its running statistics, as exported
-    with torch.enable_grad():  # Torch-Pruning traces the autograd graph
+    # Torch-Pruning traces the autograd graph
+    with torch.enable_grad(), _torch_pruning(model, "tracing its channel dependency graph"):
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
     # decide on the untouched model, then prune: coupled sets are disjoint, so the root
     # indices of one set stay valid while another is pruned
@@ -133,8 +152,9 @@ def slim(model: nn.Module, example_inputs: Tensor, select_inputs: bool = True) -
         channels = _removable(graph, group)
         if channels:
             plans.append((group[0].dep.target.module, group[0].dep.handler, channels))
-    for module, handler, channels in plans:
-        graph.get_pruning_group(module, handler, channels).prune(record_history=False)
+    with _torch_pruning(model, "removing the channels every consumer ignores"):
+        for module, handler, channels in plans:
+            graph.get_pruning_group(module, handler, channels).prune(record_history=False)
     model.slim_removed_channels = sum(len(c) for _, _, c in plans)
     model.slim_selected_inputs = _select_inputs(model) if select_inputs else 0
     return model

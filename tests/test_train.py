@@ -112,12 +112,12 @@ def test_unknown_arch_names_close_matches():
     assert "resnet18" in str(error.value.code) and "not a torchvision" in str(error.value.code)
 
 
-def test_resume_from_another_arch_or_without_resume(tmp_path):
+def test_resume_of_another_run_or_without_resume(tmp_path):
     out = ["--output", str(tmp_path / "run")]
     run(DIGITS + ["--epochs", "1"] + out)
     with pytest.raises(SystemExit) as error:
-        run(DIGITS + ["--epochs", "2", "--arch", "resnet18", "--resume"] + out)
-    assert "--arch digits_cnn" in str(error.value.code)
+        run(DIGITS + ["--epochs", "2", "--grouping", "output_channel", "--resume"] + out)
+    assert "--grouping input_channel" in str(error.value.code)
     with pytest.raises(SystemExit) as error:
         run(DIGITS + ["--epochs", "2"] + out)
     assert "--resume" in str(error.value.code)

@@ -3,12 +3,16 @@
 ``--output DIR/checkpoint.pt`` holds everything a resumed run needs to continue as if never
 stopped: model, optimizer (RMDA's W0, V, t, A), scheduler (restart and momentum schedule),
 GradScaler, IdentificationTracker, every process's RNG states, the epoch, and the run's
-arguments (arch and optimizer are checked on resume). A run killed mid-epoch loses that
-epoch only: the file is written to a temporary name and renamed, so it is always whole.
+arguments (those in ``FIXED_ON_RESUME`` are checked on resume). A run killed mid-epoch loses
+that epoch only: the file is written to a temporary name and renamed, so it is always whole;
+the temporary file a kill during the write leaves behind is removed by the next run and
+after every save. The training loop saves only epochs whose loss, weights and optimizer
+state are finite, so the checkpoint is always the last good epoch.
 """
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +22,47 @@ from . import distributed
 from .distributed import Dist
 
 FILENAME = "checkpoint.pt"
-# what must match between the run that wrote a checkpoint and the run resuming it
-IDENTITY = ("arch", "data", "optimizer", "grouping")
+# what must match between the run that wrote a checkpoint and the run resuming it: what the
+# run is, and its recipe (a new value would apply only in part: the optimizer's param groups
+# and the scheduler's state carry the old lr, c, lam and milestones)
+FIXED_ON_RESUME = ("arch", "data", "optimizer", "grouping", "lr", "momentum", "momentum_schedule",
+                   "lam", "milestones", "gamma", "label_smoothing", "weight_decay", "batch_size",
+                   "image_size", "seed")
 
 
 def path(output: str | Path) -> Path:
     return Path(output) / FILENAME
 
 
+def _temporary(output: str | Path, pid: int | str) -> Path:
+    return path(output).with_name(f".{FILENAME}.{pid}.tmp")
+
+
+def remove_temporaries(output: str | Path) -> list[Path]:
+    """Remove the temporary checkpoint files in ``output`` (one is left by a process killed
+    while writing); returns them. Only rank 0 writes checkpoints, so none is another's."""
+    stale = sorted(Path(output).glob(_temporary(output, "*").name))
+    for file in stale:
+        file.unlink(missing_ok=True)
+    return stale
+
+
 def save(output: str | Path, payload: dict[str, Any]) -> None:
     final = path(output)
-    temporary = final.with_name(f".{FILENAME}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
-    os.replace(temporary, final)
+    temporary = _temporary(output, os.getpid())
+    try:
+        with open(temporary, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+        os.replace(temporary, final)
+    except OSError as exc:  # e.g. ENOSPC: a full disk
+        temporary.unlink(missing_ok=True)  # a partial file would only hold on to the space
+        free = shutil.disk_usage(final.parent).free
+        kept = f"{final.name} keeps the previous epoch" if final.exists() else "nothing saved"
+        raise SystemExit(f"cannot write the checkpoint {final}: {exc.strerror or exc} "
+                         f"({free / 2**20:,.0f} MiB free there); {kept}") from None
+    remove_temporaries(output)
 
 
 def payload(args: Any, info: Dist, epoch: int, model, optimizer, scheduler, scaler, tracker,
@@ -55,12 +84,12 @@ def load(file: Path, args: Any, info: Dist, num_classes: int) -> dict[str, Any]:
     except Exception as exc:
         raise SystemExit(f"--resume: cannot read {file}: {type(exc).__name__}: {exc}") from None
     saved = state.get("args", {})
-    for key in IDENTITY:
-        if saved.get(key) != getattr(args, key):
-            raise SystemExit(
-                f"--resume: {file} was written by a run with --{key.replace('_', '-')} "
-                f"{saved.get(key)}, this run has --{key.replace('_', '-')} {getattr(args, key)}; "
-                "use the same value, or another --output for a new run")
+    changed = [f"--{key.replace('_', '-')} {saved.get(key)} (this run: {getattr(args, key)})"
+               for key in FIXED_ON_RESUME if saved.get(key) != getattr(args, key)]
+    if changed:
+        raise SystemExit(f"--resume: {file} was written by a run with {'; '.join(changed)}. A "
+                         "resumed run keeps the values it started with: pass those, or start a "
+                         "new run with another --output")
     if state["num_classes"] != num_classes:
         raise SystemExit(f"--resume: {file} has {state['num_classes']} classes, the data "
                          f"{args.data} has {num_classes}")

@@ -8,11 +8,13 @@ Launch as is for one process, or under ``torchrun --nproc_per_node=N`` for DDP.
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 import torch
 
-from .data import DIGITS_SOURCE
+from .checkpoint import FIXED_ON_RESUME
+from .data import DIGITS_SOURCE, canonical_source
 from .models import DIGITS_ARCH, check_arch
 from .optim import DEFAULT_LR, DEFAULT_MOMENTUM
 
@@ -28,8 +30,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line: the usage runs to 20 lines, --help shows it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="rmda-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train a torchvision classifier with RMDA (or the ProxSGD/SGD baselines) on an "
                     "ImageFolder tree; one process, or DDP under torchrun --nproc_per_node=N.",
@@ -42,20 +61,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="global batch, split over the processes")
     p.add_argument("--optimizer", choices=["rmda", "proxsgd", "sgd"], default="rmda")
-    p.add_argument("--lr", type=float, help=f"default per optimizer: {DEFAULT_LR}")
-    p.add_argument("--momentum", type=float,
+    p.add_argument("--lr", type=finite_float, help=f"default per optimizer: {DEFAULT_LR}")
+    p.add_argument("--momentum", type=finite_float,
                    help=f"RMDA: c, the weight of the new point (not SGD's 0.9); default {DEFAULT_MOMENTUM}")
     p.add_argument("--momentum-schedule", choices=["iclr", "sqrt", "none"], default="iclr",
                    help="RMDA's c at restarts (rmda_fused.MultiStepRestart)")
-    p.add_argument("--lam", type=float, help="regularization strength (rmda, proxsgd)")
+    p.add_argument("--lam", type=finite_float, help="regularization strength (rmda, proxsgd)")
     p.add_argument("--grouping", default="input_channel",
                    choices=["input_channel", "output_channel", "elementwise"])
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="--optimizer sgd only")
+    p.add_argument("--weight-decay", type=finite_float, default=1e-4, help="--optimizer sgd only")
     p.add_argument("--milestones", type=int, nargs="*",
                    help="epochs after which lr *= gamma (and RMDA restarts); default: the preset's "
                         "fractions of --epochs")
-    p.add_argument("--gamma", type=float, default=0.1)
-    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--gamma", type=finite_float, default=0.1)
+    p.add_argument("--label-smoothing", type=finite_float)
     p.add_argument("--backend", default="auto", help="RMDA backend (rmda_fused.available_backends())")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"],
                    help="autocast dtype; auto: bf16 on GPUs, none on CPU; fp16 adds a GradScaler")
@@ -68,10 +87,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="data-loading processes per training process")
     p.add_argument("--threads", type=int, help="torch threads per process (0: leave as is)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", help="run directory: checkpoint.pt, log.jsonl, plots, final model")
-    p.add_argument("--resume", action="store_true", help="continue from --output/checkpoint.pt")
+    p.add_argument("--output",
+                   help="run directory: checkpoint.pt (the last finished epoch whose training "
+                        "loss, weights and optimizer state are all finite: a run that diverges "
+                        "to NaN or inf stops there with exit status 1, and final.json says "
+                        "diverged), log.jsonl, plots, final model")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --output/checkpoint.pt. The run's "
+                        f"{', '.join('--' + k.replace('_', '-') for k in FIXED_ON_RESUME)} must "
+                        "be those it started with (--data as a resolved path): a changed value "
+                        "is refused, not applied (the optimizer and scheduler states hold the "
+                        "old ones). --epochs may change; the default --milestones follow it, so "
+                        "pass the run's milestones when changing it")
     p.add_argument("--export-slim", action="store_true",
-                   help="at the end, write --output/slim.pt: the physically smaller model")
+                   help="at the end, write --output/slim.pt: the physically smaller model. If "
+                        "the export fails (e.g. an architecture Torch-Pruning cannot trace), the "
+                        "training outputs are kept, final.json gets slim_error, and the exit "
+                        "status is 1")
+    p.add_argument("--strict-data", action="store_true",
+                   help="stop at the first image that cannot be read, naming it (otherwise it "
+                        "is left out of its batch with a warning, and log.jsonl counts them)")
+    p.add_argument("--timeout-min", type=finite_float, default=10.0,
+                   help="DDP: minutes a process waits for the others (joining, or in a "
+                        "collective) before the job ends with an error, e.g. when one hangs")
     p.add_argument("--stop-after-steps", type=int,
                    help="debugging: stop after this many steps, as if killed (nothing saved)")
     p.add_argument("--quiet", action="store_true", help="no config, per-epoch lines or progress bar")
@@ -79,7 +117,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    pre = argparse.ArgumentParser(add_help=False)  # the preset first: it sets the defaults
+    pre = OneLineErrorParser(prog="rmda-train", add_help=False)  # the preset sets the defaults
     pre.add_argument("--preset", choices=sorted(PRESETS), default="imagenet")
     p = parser()
     p.set_defaults(**PRESETS[pre.parse_known_args(argv)[0].preset])
@@ -91,7 +129,17 @@ def resolve(args: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Na
     """Fill in the defaults that depend on other flags, and reject bad combinations."""
     if args.data is None:
         p.error(f"--data is required (an ImageFolder root with train/ and val/, or {DIGITS_SOURCE})")
+    args.data = canonical_source(args.data)  # ./data and data/ are one run's data on --resume
     check_arch(args.arch)
+    # torchvision models take RGB images, the digits CNN the 1x8x8 grayscale digits tensors
+    if args.data == DIGITS_SOURCE and args.arch != DIGITS_ARCH:
+        p.error(f"--arch {args.arch} takes RGB images, and --preset digits (--data "
+                f"{DIGITS_SOURCE}) gives 1x8x8 grayscale tensors: train --arch {DIGITS_ARCH} on "
+                "them, or write the digits as an ImageFolder of PNGs "
+                "(rmda_fused.datasets.write_digits_imagefolder) and pass that as --data")
+    if args.arch == DIGITS_ARCH and args.data != DIGITS_SOURCE:
+        p.error(f"--arch {DIGITS_ARCH} takes the 1x8x8 digits tensors (--data {DIGITS_SOURCE}) "
+                "only, not an ImageFolder tree: choose a torchvision model, e.g. --arch resnet18")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.amp == "auto":
@@ -101,9 +149,16 @@ def resolve(args: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Na
     if args.milestones is None:
         args.milestones = sorted({max(1, int(f * args.epochs)) for f in args.milestone_fractions})
     del args.milestone_fractions
-    for name in ("epochs", "batch_size", "image_size"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
+    for name, ok, what in (
+        ("epochs", args.epochs > 0, "positive"), ("batch_size", args.batch_size > 0, "positive"),
+        ("image_size", args.image_size > 0, "positive"), ("lr", args.lr > 0, "positive"),
+        ("momentum", 0 <= args.momentum <= 1, "in [0, 1]"), ("lam", args.lam >= 0, ">= 0"),
+        ("gamma", args.gamma > 0, "positive"), ("weight_decay", args.weight_decay >= 0, ">= 0"),
+        ("label_smoothing", 0 <= args.label_smoothing <= 1, "in [0, 1]"),
+        ("timeout_min", args.timeout_min > 0, "positive"),
+    ):
+        if not ok:
+            p.error(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
     if (args.resume or args.export_slim) and not args.output:
         p.error("--resume and --export-slim need --output")
     return args
@@ -111,8 +166,9 @@ def resolve(args: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Na
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv``, train, and return the final metrics (``accuracy``, ``top5``,
-    ``sparsity_z``, ``sparsity_W``, ``last_change``, ``seconds``; ``stopped`` after
-    --stop-after-steps). Raises SystemExit with a message on bad input."""
+    ``sparsity_z``, ``sparsity_W``, ``last_change``, ``unreadable_images``, ``seconds``; the
+    ``slim`` report with --export-slim; ``stopped`` after --stop-after-steps). Raises SystemExit with a one-line message
+    on bad input, a diverged run, a failed --export-slim, or a DDP timeout."""
     from . import distributed
     from .job import train
 
@@ -120,12 +176,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     threads = torch.get_num_threads()
     if args.threads > 0:  # a tiny model gains nothing from more threads on a busy CPU
         torch.set_num_threads(args.threads)
-    info = distributed.setup(args.device)
     try:
-        world = info.world_size
-        if args.batch_size % world:
-            raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-        return train(args, info)
+        with distributed.timeouts_end_the_job(args.timeout_min):
+            info = distributed.setup(args.device, args.timeout_min)
+            world = info.world_size
+            if args.batch_size % world:
+                raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} "
+                                 "processes")
+            return train(args, info)
     finally:
         torch.set_num_threads(threads)
         distributed.cleanup()

@@ -5,21 +5,90 @@ class folders; ``--data digits:`` is scikit-learn's digits as in-memory tensors 
 no transforms). Training batches are sharded over processes by ``DistributedSampler``
 (padded so every process takes the same number of steps, as DDP requires); validation is
 sharded without padding, and the metrics are summed over processes, so every image counts once.
+An image file that cannot be read (cut short, not an image) is left out of its batch and
+reported by the job, or stops the run naming it under ``--strict-data``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from .distributed import Dist
 
 DIGITS_SOURCE = "digits:"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def canonical_source(source: str) -> str:
+    """``--data`` as a run records it: the digits as they are, a folder as its absolute path
+    (``./data`` and ``data/`` are the same data on --resume)."""
+    return source if source == DIGITS_SOURCE else str(Path(source).expanduser().resolve())
+
+
+class Unreadable(NamedTuple):
+    path: str
+    error: str
+
+
+class ReadableImages(Dataset):
+    """An ImageFolder whose items that cannot be read come back as :class:`Unreadable`
+    instead of raising in a loader worker (which would end the run with a traceback)."""
+
+    def __init__(self, folder: Any) -> None:
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | Unreadable:
+        path, label = self.folder.samples[index]
+        try:
+            image = self.folder.loader(path)
+        except Exception as exc:  # what decoding a broken file raises: OSError, SyntaxError, ...
+            return Unreadable(path, f"{type(exc).__name__}: {exc}")
+        return self.folder.transform(image), label
+
+
+def collate_readable(batch: list[Any]) -> tuple[Any, Any, list[Unreadable]]:
+    """(images, labels, unreadable): the readable items collated (None if there are none),
+    and the unreadable ones."""
+    readable = [item for item in batch if not isinstance(item, Unreadable)]
+    unreadable = [item for item in batch if isinstance(item, Unreadable)]
+    images, labels = default_collate(readable) if readable else (None, None)
+    return images, labels, unreadable
+
+
+class SkipUnreadable:
+    """The (images, labels) batches of a loader over :class:`ReadableImages`, without their
+    unreadable images, which are kept in ``unreadable`` (``strict``: SystemExit naming the
+    first). A batch left with fewer than ``min_batch`` images stops the run: training needs
+    two (BatchNorm), and under DDP every process must take every step."""
+
+    def __init__(self, loader: DataLoader, strict: bool, min_batch: int) -> None:
+        self.loader, self.strict, self.min_batch = loader, strict, min_batch
+        self.unreadable: list[Unreadable] = []
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, unreadable in self.loader:
+            if unreadable:
+                first = unreadable[0]
+                if self.strict:
+                    raise SystemExit(f"--strict-data: cannot read {first.path}: {first.error}")
+                self.unreadable += unreadable
+                kept = 0 if labels is None else len(labels)
+                if kept < self.min_batch:
+                    raise SystemExit(f"--data: {len(unreadable)} of the {len(unreadable) + kept} "
+                                     f"images of a batch cannot be read, e.g. {first.path}: "
+                                     f"{first.error}")
+            yield images, labels
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 @dataclass
@@ -28,12 +97,20 @@ class Data:
     val: Any
     train_sampler: Any  # has set_epoch(epoch)
     num_classes: int
-    input_shape: tuple[int, int, int]
     train_size: int
     val_size: int
 
     def set_epoch(self, epoch: int) -> None:
         self.train_sampler.set_epoch(epoch)
+
+    def take_unreadable(self) -> list[Unreadable]:
+        """The images this process left out since the last call (the digits have none)."""
+        taken = []
+        for batches in (self.train, self.val):
+            if isinstance(batches, SkipUnreadable):
+                taken += batches.unreadable
+                batches.unreadable = []
+        return taken
 
 
 class ShardSampler(Sampler[int]):
@@ -82,7 +159,7 @@ def _digits(args: Any, info: Dist, per_process: int) -> Data:
     return Data(
         train=TensorBatches(x_train, y_train, sampler, per_process),
         val=TensorBatches(x_val, y_val, val_shard, len(val_shard)),  # one batch: it is tiny
-        train_sampler=sampler, num_classes=10, input_shape=(1, 8, 8),
+        train_sampler=sampler, num_classes=10,
         train_size=len(y_train), val_size=len(y_val),
     )
 
@@ -114,7 +191,7 @@ def check_layout(root: Path) -> list[str]:
 def _imagefolder(args: Any, info: Dist, per_process: int) -> Data:
     from torchvision import datasets, transforms
 
-    root = Path(args.data).expanduser()
+    root = Path(args.data)
     classes = check_layout(root)
     size = args.image_size
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
@@ -124,14 +201,14 @@ def _imagefolder(args: Any, info: Dist, per_process: int) -> Data:
     val_tf = transforms.Compose([transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size),
                                  transforms.ToTensor(), normalize])
     try:
-        train_set = datasets.ImageFolder(str(root / "train"), train_tf)
-        val_set = datasets.ImageFolder(str(root / "val"), val_tf)
+        train_set = ReadableImages(datasets.ImageFolder(str(root / "train"), train_tf))
+        val_set = ReadableImages(datasets.ImageFolder(str(root / "val"), val_tf))
     except (FileNotFoundError, RuntimeError) as exc:  # e.g. class folders without images
         raise SystemExit(f"--data {root}: {exc}") from None
     sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank,
                                  shuffle=True, seed=args.seed)
     common = dict(num_workers=args.workers, pin_memory=info.device.type == "cuda",
-                  persistent_workers=args.workers > 0)
+                  persistent_workers=args.workers > 0, collate_fn=collate_readable)
     # drop_last: a last batch of one image breaks BatchNorm in training mode
     train = DataLoader(train_set, per_process, sampler=sampler, drop_last=True, **common)
     if len(train) == 0:
@@ -139,5 +216,6 @@ def _imagefolder(args: Any, info: Dist, per_process: int) -> Data:
                          f"the per-process batch of {per_process} (--batch-size {args.batch_size} "
                          f"over {info.world_size} processes)")
     val = DataLoader(val_set, per_process, sampler=ShardSampler(len(val_set), info), **common)
-    return Data(train=train, val=val, train_sampler=sampler, num_classes=len(classes),
-                input_shape=(3, size, size), train_size=len(train_set), val_size=len(val_set))
+    return Data(train=SkipUnreadable(train, args.strict_data, min_batch=2),
+                val=SkipUnreadable(val, args.strict_data, min_batch=1), train_sampler=sampler,
+                num_classes=len(classes), train_size=len(train_set), val_size=len(val_set))

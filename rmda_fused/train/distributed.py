@@ -2,14 +2,19 @@
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK (and MASTER_ADDR/PORT); without them the run is a
 single process and no process group is created, so ``python -m rmda_fused.train`` needs no
-launcher. NCCL on GPUs, gloo on CPU.
+launcher. NCCL on GPUs, gloo on CPU. Joining and every collective wait at most
+``--timeout-min`` for the other processes: a process that hangs ends the job instead of
+stalling it (gloo raises, which :func:`timeouts_end_the_job` turns into one line; NCCL's
+watchdog ends the process with its own message).
 """
 from __future__ import annotations
 
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -31,7 +36,7 @@ class Dist:
         return self.world_size > 1
 
 
-def setup(device_kind: str) -> Dist:
+def setup(device_kind: str, timeout_min: float) -> Dist:
     """Join the process group torchrun describes (if any) and pick this process's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -45,8 +50,25 @@ def setup(device_kind: str) -> Dist:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if device.type == "cuda" else None,
+                                timeout=timedelta(minutes=timeout_min))
     return Dist(rank, world_size, local_rank, device)
+
+
+@contextmanager
+def timeouts_end_the_job(timeout_min: float) -> Iterator[None]:
+    """SystemExit with one line when waiting for the other processes timed out (joining the
+    group, or in a collective), instead of the backend's traceback."""
+    try:
+        yield
+    except RuntimeError as exc:  # gloo raises a plain RuntimeError, the c10d store a DistError
+        if not (isinstance(exc, dist.DistError) or "timed out" in str(exc).lower()):
+            raise
+        detail = str(exc).strip().splitlines()[0]
+        rank = os.environ.get("RANK", "0")
+        raise SystemExit(f"rank {rank}: waiting for the other processes failed ({detail}): one "
+                         f"of them hung longer than --timeout-min {timeout_min:g}, failed or was "
+                         "killed; its own output says which") from None
 
 
 def cleanup() -> None:

@@ -98,6 +98,20 @@ def train_epoch(args: Any, info: Dist, model: nn.Module, loader: Any, optimizer,
 
 
 @torch.no_grad()
+def nonfinite_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the model's floating-point parameters and buffers, and of the optimizer's
+    state tensors, that hold a NaN or inf (one host sync for all of them)."""
+    names = {p: name for name, p in model.named_parameters()}
+    tensors = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
+    for p, state in optimizer.state.items():
+        for key, t in state.items():
+            if torch.is_tensor(t) and t.is_floating_point():
+                tensors[f"{names.get(p, 'a parameter')} (optimizer state {key})"] = t
+    finite = torch.stack([t.isfinite().all() for t in tensors.values()]).tolist()
+    return [name for name, ok in zip(tensors, finite) if not ok]
+
+
+@torch.no_grad()
 def evaluate(args: Any, info: Dist, model: nn.Module, loader: Any) -> tuple[float, float]:
     """(top-1, top-5) accuracy over the whole validation set, all processes together."""
     model.eval()

@@ -16,7 +16,15 @@ DEFAULT_MOMENTUM = {"rmda": 0.1, "proxsgd": 0.9, "sgd": 0.9}
 
 
 def build(args: Any, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
-    """(optimizer, scheduler); ``scheduler.step()`` is called once per epoch."""
+    """(optimizer, scheduler); ``scheduler.step()`` is called once per epoch. SystemExit with
+    the optimizer's own message when it refuses a hyper-parameter (e.g. RMDA's c = 0)."""
+    try:
+        return _build(args, model)
+    except ValueError as exc:
+        raise SystemExit(f"--optimizer {args.optimizer}: {exc}") from None
+
+
+def _build(args: Any, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
     if args.optimizer == "rmda":
         optimizer = RMDA(param_groups(model, args.lam, args.grouping), lr=args.lr,
                          momentum=args.momentum, backend=args.backend)
