@@ -1,4 +1,5 @@
-"""rmda_fused.param_groups: conv/linear weights regularized, everything else not, each param once."""
+"""rmda_fused.param_groups: conv/linear weights regularized (grouped and depthwise convs one
+group per filter), everything else not, each param once."""
 from __future__ import annotations
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 
 import rmda_fused
+from rmda_fused.grouping import num_groups
 
 
 class Net(nn.Module):
@@ -102,3 +104,74 @@ def test_groups_drive_rmda():
     assert "zero_mask" in opt.state[net.conv.weight]
     assert "zero_mask" not in opt.state[net.conv.bias]
     assert "zero_mask" not in opt.state[net.bn.weight]
+
+
+class SeparableNet(nn.Module):
+    """A MobileNet-style block: dense stem, depthwise conv, grouped pointwise conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4)  # weight (4, 1, 3, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.grouped = nn.Conv2d(4, 6, 1, groups=2, bias=False)  # weight (6, 2, 1, 1)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):  # (N, 3, H, W)
+        h = self.grouped(self.bn(self.depthwise(self.stem(x))))
+        return self.fc(h.mean(dim=(2, 3))).sum()
+
+
+def test_grouped_convs_get_one_group_per_filter():
+    net = SeparableNet()
+    dense, grouped, plain = rmda_fused.param_groups(net, lam=0.1, lr=0.3)
+    assert ids(dense["params"]) == ids([net.stem.weight, net.fc.weight])
+    assert ids(grouped["params"]) == ids([net.depthwise.weight, net.grouped.weight])
+    assert (dense["grouping"], grouped["grouping"], plain["grouping"]) == (
+        "input_channel", "output_channel", "none")
+    assert (grouped["lam"], grouped["lr"]) == (0.1, 0.3)
+    assert num_groups(net.depthwise.weight.shape, grouped["grouping"]) == 4  # one per channel
+    assert num_groups(net.grouped.weight.shape, grouped["grouping"]) == 6  # one per filter
+
+
+@pytest.mark.parametrize("grouping", ["output_channel", "elementwise"])
+def test_grouped_convs_share_other_groupings(grouping):
+    net = SeparableNet()
+    regularized, plain = rmda_fused.param_groups(net, lam=0.1, grouping=grouping)
+    assert regularized["grouping"] == grouping
+    assert ids(regularized["params"]) == ids(
+        [net.stem.weight, net.depthwise.weight, net.grouped.weight, net.fc.weight])
+
+
+def test_depthwise_channels_are_zeroed_one_by_one():
+    net = SeparableNet()
+    with torch.no_grad():
+        net.depthwise.weight.fill_(1.0)
+        net.depthwise.weight[0].fill_(0.01)  # channel 0: norm 0.03, the others 3
+    # after one step with a zero gradient and lr=1, z = prox(W, lam): a group (9 entries) is
+    # zeroed when its norm is <= 3 * lam, else scaled by 1 - 3 * lam / norm
+    lam = 0.1
+    opt = rmda_fused.RMDA(rmda_fused.param_groups(net, lam=lam), lr=1.0)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(opt.state[net.depthwise.weight]["zero_mask"].cpu(),
+                       torch.tensor([True, False, False, False]))
+    z = opt.prox_point(net.depthwise.weight)
+    assert not z[0].any()
+    torch.testing.assert_close(z[1:], torch.full_like(z[1:], 1.0 - lam))
+
+
+def test_mobilenet_v3_depthwise_convs_are_grouped_per_channel():
+    torchvision = pytest.importorskip("torchvision", reason="the model comes from torchvision")
+    model = torchvision.models.mobilenet_v3_small(num_classes=10)
+    groups = rmda_fused.param_groups(model, lam=0.1)
+    grouping_of = {id(p): g["grouping"] for g in groups for p in g["params"]}
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    depthwise = [m for m in convs if m.groups > 1]
+    assert depthwise and all(m.groups == m.in_channels == m.out_channels for m in depthwise)
+    for conv in convs:
+        expected = "output_channel" if conv.groups > 1 else "input_channel"
+        assert grouping_of[id(conv.weight)] == expected
+        assert num_groups(conv.weight.shape, expected) == (
+            conv.out_channels if conv.groups > 1 else conv.in_channels)
