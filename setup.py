@@ -64,6 +64,10 @@ setup(
         # python -m rmda_fused.train on ImageFolder data, its plots, and --export-slim
         "train": ["torchvision", "matplotlib", "torch-pruning"],
         "bench": ["pytest-benchmark", "matplotlib", "torchvision"],
+        # tests/recipes: RMDA in Hugging Face's Trainer (optimizer_cls_and_kwargs: 4.47),
+        # timm's create_optimizer_v2 (its OptimInfo registry: 1.0.12) and Lightning
+        "recipes": ["pytest", "transformers>=4.47", "accelerate>=0.26", "timm>=1.0.12",
+                    "lightning>=2.0"],
     },
     entry_points={"console_scripts": ["rmda-train=rmda_fused.train.cli:main"]},
     ext_modules=ext_modules,
