@@ -260,12 +260,13 @@ def step_batch_(batch: StepBatch, options: StepOptions, backend: str) -> None:
 
 
 def _on(options: StepOptions, device: torch.device) -> StepOptions:
-    """``options`` with the AMP scalars on ``device`` (GradScaler may keep them elsewhere)."""
+    """``options`` with the AMP scalars on ``device`` (GradScaler may keep them elsewhere)
+    and 0-d (a caller's one-element (1,) tensor would not broadcast in torch's foreach ops)."""
     moved = {}
     for key in ("grad_scale", "found_inf"):
         value = getattr(options, key)
-        if value is not None and value.device != device:
-            moved[key] = value.to(device, non_blocking=True)
+        if value is not None and (value.device != device or value.dim() != 0):
+            moved[key] = value.reshape(()).to(device, non_blocking=True)
     if not moved:
         return options
     return dataclasses.replace(options, **moved)

@@ -291,3 +291,16 @@ def test_compiled_step_matches_eager(fast_backend):
         step()
     for a, b in zip(eager_model.parameters(), compiled_model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_one_element_amp_scalars_of_shape_1_work_like_0d(fast_backend):
+    results = []
+    for shape in ((), (1,)):
+        p = torch.nn.Parameter(torch.ones(4, 3))
+        opt = rmda_fused.RMDA([p], lr=0.1, lam=0.1, backend=fast_backend)
+        p.grad = torch.full_like(p, 8.0)
+        opt.grad_scale = torch.full(shape, 8.0)
+        opt.found_inf = torch.zeros(shape)
+        opt.step()
+        results.append(p.detach().clone())
+    assert torch.equal(*results)
