@@ -114,7 +114,9 @@ def _describe(value: Any) -> str:
 
 def unwrap(optimizer: RMDA) -> None:
     """Load post-hook (registered first): the wrapped values as state tensors in RMDA's
-    dtypes, on each parameter's device, copied (never aliasing the caller's dict)."""
+    dtypes, copied (never aliasing the caller's dict), on each parameter's device except
+    ``step``, which stays where it was saved, as torch's loading keeps it; the next step
+    moves it (``optimizer._steps_elsewhere``), since the kernels read t on the device."""
     for group in optimizer.param_groups:
         for p in group["params"]:
             entry = optimizer.state.get(p)
@@ -125,6 +127,8 @@ def unwrap(optimizer: RMDA) -> None:
                     entry[key] = _as_state(key, value.value, p)
             if MASK_KEY in entry and effective_grouping(p.shape, group["grouping"]) == "none":
                 del entry[MASK_KEY]
+            if "step" in entry and entry["step"].device != p.device:
+                optimizer._steps_elsewhere = True
 
 
 def _as_state(key: str, value: Any, p: Tensor) -> Tensor:
@@ -138,4 +142,5 @@ def _as_state(key: str, value: Any, p: Tensor) -> Tensor:
         return torch.tensor(value, dtype=dtype, device=p.device)
     if key in ("step", "alpha"):
         value = value.reshape(())
-    return value.to(device=p.device, dtype=dtype, copy=True)
+    device = value.device if key == "step" else p.device
+    return value.to(device=device, dtype=dtype, copy=True)

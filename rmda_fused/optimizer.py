@@ -107,6 +107,7 @@ class RMDA(torch.optim.Optimizer):
         self._check_hyperparameters(defaults, where="RMDA")
         self._check_switches(defaults, where="RMDA")
         self._momentum_warned = False
+        self._steps_elsewhere = False  # set by a load that left some t on another device
         super().__init__(params, defaults)
         # torch's loading casts state to the parameter's dtype: these hooks keep RMDA's
         # (rmda_fused/_state_loading.py); first among post-hooks, so the caller's run after
@@ -115,6 +116,7 @@ class RMDA(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_momentum_warned", False)
+        self.__dict__.setdefault("_steps_elsewhere", False)
         for group in self.param_groups:  # optimizers pickled before these options existed
             for key in _OPTIONAL_KEYS:
                 group.setdefault(key, _OPTIONAL_DEFAULTS[key])
@@ -262,6 +264,8 @@ class RMDA(torch.optim.Optimizer):
             work.append((group, with_grad))
         if not self._momentum_warned:
             self._warn_if_large_momentum(typed=False)
+        if self._steps_elsewhere:
+            self._move_steps_to_params()
         checked_inf = found_inf
         if found_inf is None:  # no GradScaler checked these gradients: check them here
             checked_inf = functional.nonfinite_flag(
@@ -274,6 +278,13 @@ class RMDA(torch.optim.Optimizer):
                                       grad_scale, skip_flag, group["maximize"])
                 functional.step_batch_(batch, options, group["backend"])
         return loss
+
+    def _move_steps_to_params(self) -> None:
+        """t back on its parameter's device after a load kept it where it was saved."""
+        for state_p, state in self.state.items():
+            if isinstance(state_p, Tensor) and "step" in state:
+                state["step"] = state["step"].to(state_p.device)
+        self._steps_elsewhere = False
 
     def backend_names(self) -> list[str]:
         """The backend each param group's step runs on: ``auto`` resolved for the device of

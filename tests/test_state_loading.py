@@ -200,3 +200,19 @@ def test_an_sgd_state_dict_is_named_as_such():
         opt.load_state_dict(_sgd_state_dict([torch.nn.Parameter(p.detach().clone())
                                              for p in params]))
     assert_same_state(before, state_of(opt))
+
+
+def test_step_stays_where_it_was_saved_until_the_next_step():
+    """As torch's loading keeps a non-capturable optimizer's ``step``: a CPU state dict
+    loaded for parameters on another device (here "meta", which needs no GPU) leaves t on
+    the CPU and the rest on the parameters' device; the next step moves t there."""
+    opt, params = stepped(backend="reference")
+    meta = [torch.nn.Parameter(torch.empty_like(p, device="meta")) for p in params]
+    other = rmda_fused.RMDA(meta, lr=0.1, lam=0.05, backend="reference")
+    other.load_state_dict(opt.state_dict())
+    for p in meta:
+        assert other.state[p]["step"].device.type == "cpu"
+        assert other.state[p]["dual"].device.type == "meta"
+        p.grad = torch.empty_like(p)
+    other.step()
+    assert all(other.state[p]["step"].device.type == "meta" for p in meta)
