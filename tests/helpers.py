@@ -302,3 +302,25 @@ def mask_stats(ref):
     zero = sum(int(st.zero.sum()) for st in ref.states if st.zero is not None)
     total = sum(st.zero.numel() for st in ref.states if st.zero is not None)
     return zero, total - zero
+
+
+# -- refused calls ------------------------------------------------------------------------------
+
+def snapshot(opt, params):
+    """Everything a step may write: the parameters and their state tensors, cloned (keyed
+    by position; parameters without state are left out)."""
+    return ([p.detach().clone() for p in params],
+            {i: {k: v.clone() for k, v in opt.state[p].items()}
+             for i, p in enumerate(params) if opt.state.get(p)})
+
+
+def assert_unchanged(before, opt, params):
+    """The parameters and state are bit-identical to ``snapshot``'s, and no parameter
+    gained state."""
+    values, state = before
+    for p, v in zip(params, values):
+        assert torch.equal(p.detach(), v)
+    assert {i for i, p in enumerate(params) if opt.state.get(p)} == set(state)
+    for i, entry in state.items():
+        for key, value in entry.items():
+            assert torch.equal(opt.state[params[i]][key], value), key

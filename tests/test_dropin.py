@@ -11,7 +11,7 @@ import torch
 
 import rmda_fused
 from float64_reference import Float64RMDA
-from helpers import compare
+from helpers import assert_unchanged, compare, snapshot
 
 
 def small_params(dtype=torch.float32, seed=0):
@@ -24,23 +24,6 @@ def small_params(dtype=torch.float32, seed=0):
 def grads_for(params, seed):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
-
-
-def snapshot(opt, params):
-    """Everything a step may write: the parameters and every state tensor, cloned."""
-    return ([p.detach().clone() for p in params],
-            {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params
-             if p in opt.state})
-
-
-def assert_unchanged(before, opt, params):
-    values, state = before
-    for p, v in zip(params, values):
-        assert torch.equal(p.detach(), v)
-    assert {id(p) for p in params if p in opt.state and opt.state[p]} == set(state)
-    for p in params:
-        for key, value in state.get(id(p), {}).items():
-            assert torch.equal(opt.state[p][key], value), key
 
 
 # -- torch.optim's switches ----------------------------------------------------------------

@@ -70,22 +70,6 @@ def assert_same(a, b, where="state_dict"):
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-def snapshot(opt, params):
-    return ([p.detach().clone() for p in params],
-            {i: {k: v.clone() for k, v in opt.state[p].items()}
-             for i, p in enumerate(params) if opt.state.get(p)})
-
-
-def assert_unchanged(before, opt, params):
-    values, state = before
-    for p, v in zip(params, values):
-        assert torch.equal(p.detach(), v)
-    assert {i for i, p in enumerate(params) if opt.state.get(p)} == set(state)
-    for i, entry in state.items():
-        for key, value in entry.items():
-            assert torch.equal(opt.state[params[i]][key], value), key
-
-
 def run_steps(opt, loss_fn, steps, schedulers=()):
     for _ in range(steps):
         opt.zero_grad()

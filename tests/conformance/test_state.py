@@ -14,9 +14,9 @@ from torch.optim.optimizer import (
 
 import rmda_fused
 from conformance_testing import (
-    CONFORMANCE_MARKS, NEWER_OPTIONS, assert_same, assert_unchanged, fresh, set_grads,
-    snapshot, tiny_params,
+    CONFORMANCE_MARKS, NEWER_OPTIONS, assert_same, fresh, set_grads, tiny_params,
 )
+from helpers import assert_unchanged, snapshot
 
 pytestmark = CONFORMANCE_MARKS
 

@@ -24,9 +24,9 @@ from torch.optim.lr_scheduler import ExponentialLR, ReduceLROnPlateau, StepLR
 
 import rmda_fused
 from conformance_testing import (
-    CONFORMANCE_MARKS, assert_unchanged, fresh, linear_problem, run_steps, set_grads, snapshot,
-    tiny_params,
+    CONFORMANCE_MARKS, fresh, linear_problem, run_steps, set_grads, tiny_params,
 )
+from helpers import assert_unchanged, snapshot
 
 pytestmark = CONFORMANCE_MARKS
 
