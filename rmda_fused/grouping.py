@@ -67,6 +67,8 @@ def group_view(shape: torch.Size | tuple[int, ...], grouping: str) -> GroupView 
 def memory_order(tensor: torch.Tensor) -> list[int] | None:
     """The dims of ``tensor`` from outermost to innermost in memory when its memory is dense
     (a contiguous tensor or a permutation of one, e.g. channels_last); None otherwise."""
+    if tensor.is_contiguous():  # the usual case, asked every step: no sort, no permute
+        return list(range(tensor.dim()))
     order = sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))  # stable for ties
     return order if tensor.permute(order).is_contiguous() else None
 
