@@ -241,9 +241,11 @@ def _signed(options: StepOptions, device: torch.device) -> StepOptions:
 
 def step_batch_(batch: StepBatch, options: StepOptions, backend: str) -> None:
     """One step of a validated batch: per device, the fused backend takes what it can and
-    the rest runs on ``reference``. The optimizer calls this after its own checks."""
-    for device, on_device in batch.devices():
-        name = resolve_backend(backend, device)
+    the rest runs on ``reference``. Every device's backend is resolved before any device
+    steps. The optimizer calls this after its own checks."""
+    per_device = [(device, on_device, resolve_backend(backend, device))
+                  for device, on_device in batch.devices()]
+    for device, on_device, name in per_device:
         options_here = _signed(_on(options, device), device)
         if name != "reference":
             reasons = [_fallback_reason(p, g, w0, v, options.grouping) for p, g, w0, v in
@@ -306,6 +308,4 @@ def rmda_step(
     if not len(batch):
         return
     check_batch(batch, options)
-    for device, _ in batch.devices():
-        resolve_backend(backend, device)
     step_batch_(batch, options, backend)
