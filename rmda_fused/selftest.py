@@ -178,7 +178,15 @@ def kernel_launches(step: Callable[[], object]) -> int | None:
             torch.cuda.synchronize()
     except Exception:
         return None
-    return sum(1 for e in prof.events() if e.activity_type == "kernel")
+    return sum(1 for e in prof.events() if _is_kernel(e))
+
+
+def _is_kernel(event) -> bool:
+    kind = getattr(event, "activity_type", None)  # newer torch names the activity (2.11 does not)
+    if kind is not None:
+        return kind == "kernel"
+    return (event.device_type == torch.autograd.DeviceType.CUDA
+            and not event.name.startswith(("Memcpy", "Memset")))
 
 
 def _optimizers(backends: list[str]) -> dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]]:
