@@ -7,7 +7,7 @@ This module imports nothing else of rmda_fused at run time, so any module may us
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Hashable, Iterator, Sequence
 
 import torch
@@ -62,8 +62,12 @@ class StepBatch:
     alphas: list[Tensor]
     zero_masks: list[Tensor | None]
     views: list[GroupView | None]
+    # the views as one flat list of (outer, groups, inner) triples, the C++ op's argument
+    flat_views: list[int] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.flat_views is None:
+            self.flat_views = [n for view in self.views if view is not None for n in view]
         n = len(self.params)
         for name, values in zip(_FIELD_NAMES, self.lists()):
             if len(values) != n:
@@ -83,12 +87,6 @@ class StepBatch:
         """The sub-batch of the parameters at ``indices``, in that order."""
         return StepBatch(*([xs[i] for i in indices] for xs in self.lists()))
 
-    def split(self, keep: Sequence[bool]) -> tuple[StepBatch, StepBatch]:
-        """(entries where ``keep`` is true, the others)."""
-        yes = [i for i, k in enumerate(keep) if k]
-        no = [i for i, k in enumerate(keep) if not k]
-        return self.select(yes), self.select(no)
-
     def buckets(self) -> Iterator[tuple[tuple[torch.device, torch.dtype, ...], StepBatch]]:
         """Sub-batches sharing device and the dtypes of param, grad, initial and dual, in
         order of first appearance (the spirit of torch's
@@ -96,9 +94,12 @@ class StepBatch:
         return self._grouped_by([(p.device, p.dtype, g.dtype, w0.dtype, v.dtype) for p, g, w0, v
                                  in zip(self.params, self.grads, self.initials, self.duals)])
 
-    def devices(self) -> Iterator[tuple[torch.device, StepBatch]]:
-        """Sub-batches per device, in order of first appearance."""
-        return self._grouped_by([p.device for p in self.params])
+    def positions_by_device(self) -> list[tuple[torch.device, list[int]]]:
+        """(device, positions of its entries), per device in order of first appearance."""
+        indices: dict[torch.device, list[int]] = {}
+        for i, p in enumerate(self.params):
+            indices.setdefault(p.device, []).append(i)
+        return list(indices.items())
 
     def _grouped_by(self, keys: list[Hashable]) -> Iterator[tuple[Hashable, StepBatch]]:
         """(key, sub-batch of the entries with that key), in order of first appearance;
@@ -111,6 +112,11 @@ class StepBatch:
             return
         for key, members in indices.items():
             yield key, self.select(members)
+
+    def with_grads(self, grads: list[Tensor]) -> StepBatch:
+        """This batch with other gradients (a step plan's batch, each step)."""
+        return StepBatch(self.params, grads, self.initials, self.duals, self.steps,
+                         self.alphas, self.zero_masks, self.views, self.flat_views)
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(StepBatch))  # the order of StepBatch.lists()

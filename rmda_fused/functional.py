@@ -196,37 +196,48 @@ def check_batch(batch: StepBatch, options: StepOptions,
 
 def nonfinite_flag(grads: list[Tensor]) -> Tensor | None:
     """found_inf for gradients no GradScaler has checked: a float32 scalar on the first
-    gradient's device, 1 when a gradient's entries sum to a NaN or an infinity, which every
-    NaN or infinite entry makes them do (None: no gradients). No host sync.
+    gradient's device, 1 when a gradient has a NaN or an infinity (None: no gradients).
+    No host sync.
 
-    A plain fp32 sum is the cheapest reduction that propagates them (a max-norm costs 3-8x
-    more on CPU). On CPU it runs per tensor; elsewhere as multi-tensor L1 norms, a few
-    launches for any number of tensors. (A finite gradient beyond the fp32 range, |sum| >
-    3.4e38, also counts as non-finite: its update would not be finite either.)"""
+    On CPU, a plain fp32 sum per tensor is the cheapest reduction that propagates them (a
+    max-norm costs 3-8x more); a finite gradient beyond the fp32 range, |sum| > 3.4e38, also
+    counts there: its update would not be finite either. Elsewhere it is GradScaler's own
+    check (``torch._amp_foreach_non_finite_check_and_unscale_`` with a scale of exactly 1,
+    which leaves every gradient bit-identical): one multi-tensor launch per dtype and no
+    per-tensor results, so its host cost does not grow with the number of tensors."""
     by_bucket: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for g in grads:
         by_bucket.setdefault((g.device, g.dtype), []).append(g)
     if not by_bucket:
         return None
     device = next(iter(by_bucket))[0]
-    sums = []
+    sums: list[Tensor] = []
+    flags: dict[torch.device, Tensor] = {}
     for (where, _), gs in by_bucket.items():
         if where.type == "cpu":
             sums += [g.sum(dtype=torch.float32) for g in gs]
-        else:
-            sums += torch._foreach_norm(gs, 1, dtype=torch.float32)
-    if any(x.device != device for x in sums):
-        sums = [x.to(device, non_blocking=True) for x in sums]
-    return torch.stack(sums).isfinite().all().logical_not().to(torch.float32)
+            continue
+        if where not in flags:
+            flags[where] = torch.zeros((), dtype=torch.float32, device=where)
+        torch._amp_foreach_non_finite_check_and_unscale_(gs, flags[where],
+                                                         _constant(1.0, where))
+    parts = list(flags.values())
+    if sums:
+        parts.append(torch.stack(sums).isfinite().all().logical_not().to(torch.float32))
+    if len(parts) == 1 and parts[0].device == device:
+        return parts[0]
+    return torch.stack([x.to(device, non_blocking=True) for x in parts]).amax()
 
 
-_MINUS_ONE: dict[torch.device, Tensor] = {}  # a plain dict, as _RESOLVED
+_CONSTANTS: dict[tuple[float, torch.device], Tensor] = {}  # a plain dict, as _RESOLVED
 
 
-def _minus_one(device: torch.device) -> Tensor:
-    if device not in _MINUS_ONE:
-        _MINUS_ONE[device] = torch.full((), -1.0, dtype=torch.float32, device=device)
-    return _MINUS_ONE[device]
+def _constant(value: float, device: torch.device) -> Tensor:
+    """A float32 0-d tensor of ``value`` on ``device``, made once."""
+    key = (value, device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.full((), value, dtype=torch.float32, device=device)
+    return _CONSTANTS[key]
 
 
 def _signed(options: StepOptions, device: torch.device) -> StepOptions:
@@ -235,30 +246,45 @@ def _signed(options: StepOptions, device: torch.device) -> StepOptions:
     exact sign flip of the gradient."""
     if not options.maximize:
         return options
-    scale = _minus_one(device) if options.grad_scale is None else options.grad_scale.neg()
+    scale = _constant(-1.0, device) if options.grad_scale is None else options.grad_scale.neg()
     return dataclasses.replace(options, grad_scale=scale, maximize=False)
+
+
+def route_batch(batch: StepBatch, grouping: str,
+                backend: str) -> list[tuple[torch.device, str, list[int]]]:
+    """Which backend runs which entries of ``batch``: (device, backend name, positions),
+    per device the fused backend for what it can take and ``reference`` for the rest (with
+    a warning, once per reason). Every device's backend is resolved before this returns."""
+    per_device = [(device, on_device, resolve_backend(backend, device))
+                  for device, on_device in batch.positions_by_device()]
+    routes = []
+    for device, positions, name in per_device:
+        if name != "reference":
+            reasons = [_fallback_reason(batch.params[i], batch.grads[i], batch.initials[i],
+                                        batch.duals[i], grouping) for i in positions]
+            for reason in {r for r in reasons if r}:
+                _warn_fallback(name, reason)
+            rest = [i for i, r in zip(positions, reasons) if r]
+            if rest:
+                routes.append((device, "reference", rest))
+                positions = [i for i, r in zip(positions, reasons) if not r]
+        if positions:
+            routes.append((device, name, positions))
+    return routes
+
+
+def run_route(name: str, device: torch.device, batch: StepBatch,
+              options: StepOptions) -> None:
+    """One routed batch on backend ``name``; the AMP scalars follow it to ``device``."""
+    _BACKENDS[name].rmda_step_(batch, _signed(_on(options, device), device))
 
 
 def step_batch_(batch: StepBatch, options: StepOptions, backend: str) -> None:
     """One step of a validated batch: per device, the fused backend takes what it can and
-    the rest runs on ``reference``. Every device's backend is resolved before any device
-    steps. The optimizer calls this after its own checks."""
-    per_device = [(device, on_device, resolve_backend(backend, device))
-                  for device, on_device in batch.devices()]
-    for device, on_device, name in per_device:
-        options_here = _signed(_on(options, device), device)
-        if name != "reference":
-            reasons = [_fallback_reason(p, g, w0, v, options.grouping) for p, g, w0, v in
-                       zip(on_device.params, on_device.grads, on_device.initials,
-                           on_device.duals)]
-            if any(reasons):
-                for reason in {r for r in reasons if r}:
-                    _warn_fallback(name, reason)
-                fused, rest = on_device.split([r is None for r in reasons])
-                reference.rmda_step_(rest, options_here)
-                on_device = fused
-        if len(on_device):
-            _BACKENDS[name].rmda_step_(on_device, options_here)
+    the rest runs on ``reference`` (:func:`route_batch`). The optimizer replays the same
+    routes through its step plans (rmda_fused/_step_plan.py)."""
+    for device, name, positions in route_batch(batch, options.grouping, backend):
+        run_route(name, device, batch.select(positions), options)
 
 
 def _on(options: StepOptions, device: torch.device) -> StepOptions:

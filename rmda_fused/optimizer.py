@@ -8,10 +8,11 @@ import torch
 from torch import Tensor
 
 from . import _state_loading, functional
+from ._step_plan import GroupPlan
 from ._warnings import warn_caller
-from .batch import StepBatch, StepOptions, state_dtype
+from .batch import state_dtype
 from .grouping import (
-    GroupView, check_grouping, effective_grouping, group_prox_, group_view, memory_group_view,
+    GroupView, check_grouping, effective_grouping, group_prox_, group_view,
 )
 from .structure import MASK_KEY
 
@@ -108,6 +109,7 @@ class RMDA(torch.optim.Optimizer):
         self._check_switches(defaults, where="RMDA")
         self._momentum_warned = False
         self._steps_elsewhere = False  # set by a load that left some t on another device
+        self._plans: dict[int, GroupPlan] = {}  # param group index -> its step plan
         super().__init__(params, defaults)
         # torch's loading casts state to the parameter's dtype: these hooks keep RMDA's
         # (rmda_fused/_state_loading.py); first among post-hooks, so the caller's run after
@@ -117,6 +119,7 @@ class RMDA(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_momentum_warned", False)
         self.__dict__.setdefault("_steps_elsewhere", False)
+        self._plans = {}
         for group in self.param_groups:  # optimizers pickled before these options existed
             for key in _OPTIONAL_KEYS:
                 group.setdefault(key, _OPTIONAL_DEFAULTS[key])
@@ -226,22 +229,6 @@ class RMDA(torch.optim.Optimizer):
             state[MASK_KEY] = torch.zeros(view.groups, dtype=torch.bool, device=p.device)
         return state
 
-    def _batches(self, group: dict[str, Any],
-                 with_grad: list[tuple[int, Tensor]]) -> dict[str, StepBatch]:
-        """The step batches of one param group's parameters that have a gradient (position,
-        parameter), one per grouping they take (1-D tensors take none in a channel
-        grouping); creates the state of parameters stepping for the first time."""
-        rows: dict[str, list[tuple]] = {}
-        for _, p in with_grad:
-            grouping = effective_grouping(p.shape, group["grouping"])
-            view = memory_group_view(p, grouping)  # what the kernels walk; same group count
-            state = self._state_for(p, grouping, view)
-            rows.setdefault(grouping, []).append(
-                (p, p.grad, state["initial"], state["dual"], state["step"], state["alpha"],
-                 state.get(MASK_KEY), view))
-        return {grouping: StepBatch(*map(list, zip(*entries)))
-                for grouping, entries in rows.items()}
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
@@ -250,34 +237,43 @@ class RMDA(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if self._steps_elsewhere:
+            self._move_steps_to_params()
         # every group is checked, and its backend resolved, before any state is created or
         # any tensor written: a refused step leaves the optimizer and the parameters as
-        # they were
+        # they were. A group whose step plan still fits skips the full checks.
         work = []
         for index, group in enumerate(self.param_groups):
             self._check_hyperparameters(group, where=f"param group {index}")
-            with_grad = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
-            functional.check_grads([p for _, p in with_grad], [p.grad for _, p in with_grad],
-                                   lambda k: f"param group {index}, parameter {with_grad[k][0]}")
-            for device in dict.fromkeys(p.device for _, p in with_grad):
-                functional.resolve_backend(group["backend"], device)
-            work.append((group, with_grad))
+            grads = [p.grad for p in group["params"]]
+            plan = self._plans.get(index)
+            if plan is None or not plan.matches(self.state, group, grads):
+                plan = None
+                self._check_step_inputs(index, group)
+            work.append((index, group, grads, plan))
         if not self._momentum_warned:
             self._warn_if_large_momentum(typed=False)
-        if self._steps_elsewhere:
-            self._move_steps_to_params()
+        for k, (index, group, grads, plan) in enumerate(work):
+            if plan is None:
+                plan = self._plans[index] = GroupPlan(self, group, grads)
+                work[k] = (index, group, grads, plan)
         checked_inf = found_inf
         if found_inf is None:  # no GradScaler checked these gradients: check them here
             checked_inf = functional.nonfinite_flag(
-                [p.grad for group, with_grad in work if group["skip_nonfinite"]
-                 for _, p in with_grad])
-        for group, with_grad in work:
+                [g for _, group, grads, plan in work if group["skip_nonfinite"]
+                 for g in plan.present(grads)])
+        for _, group, grads, plan in work:
             skip_flag = checked_inf if group["skip_nonfinite"] else found_inf
-            for grouping, batch in self._batches(group, with_grad).items():
-                options = StepOptions(group["lr"], group["momentum"], group["lam"], grouping,
-                                      grad_scale, skip_flag, group["maximize"])
-                functional.step_batch_(batch, options, group["backend"])
+            plan.run(group, grads, grad_scale, skip_flag)
         return loss
+
+    def _check_step_inputs(self, index: int, group: dict[str, Any]) -> None:
+        """The full per-step checks of a group's gradients and backends (before a plan)."""
+        with_grad = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
+        functional.check_grads([p for _, p in with_grad], [p.grad for _, p in with_grad],
+                               lambda k: f"param group {index}, parameter {with_grad[k][0]}")
+        for device in dict.fromkeys(p.device for _, p in with_grad):
+            functional.resolve_backend(group["backend"], device)
 
     def _move_steps_to_params(self) -> None:
         """t back on its parameter's device after a load kept it where it was saved."""
@@ -285,6 +281,7 @@ class RMDA(torch.optim.Optimizer):
             if isinstance(state_p, Tensor) and "step" in state:
                 state["step"] = state["step"].to(state_p.device)
         self._steps_elsewhere = False
+        self._plans.clear()  # they hold the replaced step tensors
 
     def backend_names(self) -> list[str]:
         """The backend each param group's step runs on: ``auto`` resolved for the device of
@@ -343,3 +340,4 @@ class RMDA(torch.optim.Optimizer):
             super().load_state_dict(state_dict)
         finally:
             check.remove()
+        self._plans.clear()

@@ -21,11 +21,10 @@ def unavailable_reason(device_type: str) -> str | None:
 
 def rmda_step_(batch: StepBatch, options: StepOptions) -> None:
     prox = options.prox
-    flat_views = [n for view in batch.views for n in view] if prox else []
     lr_value, lr_tensor = split_lr(options.lr, batch.params[0].device)
     torch.ops.rmda_fused.rmda_step_(
         batch.params, batch.grads, batch.initials, batch.duals, batch.steps, batch.alphas,
-        list(batch.zero_masks) if prox else [], flat_views, lr_value,
+        list(batch.zero_masks) if prox else [], batch.flat_views, lr_value,
         float(options.momentum), float(options.lam) if prox else 0.0,
         lr_tensor=lr_tensor, grad_scale=options.grad_scale, found_inf=options.found_inf,
     )
