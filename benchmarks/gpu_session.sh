@@ -9,7 +9,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-gpu-session}
 mkdir -p "$RESULTS"
-PARTS=${PARTS:-"env build tests selftest overhead"}
+PARTS=${PARTS:-"env build profile host tests selftest overhead"}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 has() { [[ " $PARTS " == *" $1 "* ]]; }
@@ -31,6 +31,18 @@ if has build; then
   echo "build: rc=$? in $((SECONDS - start)) s (TORCH_CUDA_ARCH_LIST=$arch)"
   tail -5 "$RESULTS/build.log"
   (cd /tmp && $PY -c "import rmda_fused; print('backends', rmda_fused.available_backends())")
+fi
+
+if has profile; then
+  # kernels per step, their device time, and the wall time, per method
+  for dtype in ${DTYPES:-fp32 bf16}; do
+    timeout ${PROFILE_S:-120} $PY -m benchmarks.gpu_profile --dtype $dtype 2>&1 \
+      | grep -v Warning | tee "$RESULTS/profile-$dtype.txt"
+  done
+fi
+
+if has host; then
+  timeout ${HOST_S:-120} $PY -m benchmarks.host_time --device cuda 2>&1 | tee "$RESULTS/host.txt"
 fi
 
 if has tests; then

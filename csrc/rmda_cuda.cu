@@ -10,10 +10,17 @@
 // between replays are seen).
 //
 // Modes: kPlain (grouping 'none') and kSingle (groups of one entry: L1) split tensors into
-// chunks of kChunk elements, one block each. kGroups gives one block per group: pass 1
-// updates V and block-reduces sum(z^2) in the state dtype; pass 2 re-reads V and W0 (the
-// group was just touched, so mostly L2 hits) and writes W. Each thread re-reads in pass 2
-// exactly the entries it wrote in pass 1, so no fence is needed between the passes.
+// chunks of kChunk elements, one block each. kBands serves every other grouped tensor whose
+// group fits in a block's shared buffer. A strided group alone is one short run per row (one
+// element for input channels of a 1x1 conv: a warp load would use 1/8 of each 32-byte
+// sector), but a band of consecutive groups is `outer` contiguous runs, so a block takes as
+// many whole groups as its buffer holds and walks them along the runs. Pass 1 updates V and
+// keeps z in the buffer, the group norms are summed from there, and pass 2 writes W from
+// there: g, V, W0 and W are read once, V and W written once (24 B/element in fp32). kGroups,
+// one block per group, is left for groups larger than the buffer: pass 1 updates V and
+// block-reduces sum(z^2) in the state dtype; pass 2 re-reads V and W0 (the group was just
+// touched, so mostly L2 hits) and writes W. Each thread re-reads in pass 2 exactly the
+// entries it wrote in pass 1, so no fence is needed between the passes.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -23,6 +30,7 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <climits>
 #include <map>
 #include <utility>
@@ -41,8 +49,12 @@ constexpr int kMaxTensors = 128;
 #else
 constexpr int kMaxTensors = 36;
 #endif
+// Shared buffer of a kBands block, in bytes: 48 KiB, the most a block may hold statically.
+// Its entries are state-dtype (acc_t) values, so a band of a double tensor holds half as many
+// elements as one of a float, half or bfloat16 tensor (6144 against 12288).
+constexpr int64_t kBandBytes = 48 * 1024;
 
-enum Mode : int { kPlain = 0, kSingle = 1, kGroups = 2 };
+enum Mode : int { kPlain = 0, kSingle = 1, kGroups = 2, kBands = 3 };
 enum ScalarKind : int { kNone = 0, kF32 = 1, kF64 = 2 };
 
 struct TensorTable {
@@ -56,6 +68,7 @@ struct TensorTable {
   int64_t outer[kMaxTensors];
   int64_t groups[kMaxTensors];
   int64_t inner[kMaxTensors];
+  int64_t band[kMaxTensors];  // kBands: groups per block (the last block may get fewer)
   // block b of the element launch works on tensor i with first_block[i] <= b < first_block[i+1]
   int64_t first_block[kMaxTensors + 1];
   int n;
@@ -132,6 +145,69 @@ struct ElementStep {
   }
 };
 
+// Calls f(j, o, c) for j = first, first + stride, ... < count, with j = o * span + c and
+// c < span; (o, c) moves by (stride / span, stride % span) and one carry, so no element pays
+// for a division.
+template <typename F>
+__device__ __forceinline__ void walk(int64_t first, int64_t count, int64_t stride, int64_t span,
+                                     F f) {
+  if (first >= count) return;  // count > 0 from here on, so span > 0
+  const int64_t step_o = stride / span, step_c = stride % span;
+  int64_t o = first / span, c = first % span;
+  for (int64_t j = first; j < count; j += stride) {
+    f(j, o, c);
+    o += step_o;
+    c += step_c;
+    if (c >= span) {
+      c -= span;
+      ++o;
+    }
+  }
+}
+
+// kBands: the block owns groups [g0, g0 + nb), i.e. `outer` runs of span = nb * inner elements,
+// run o starting at o * groups * inner + g0 * inner. The buffer holds z of every element of
+// the band (band index j = o * span + c) and then one z_weight per group; the host picks
+// band * (outer * inner + 1) <= its capacity.
+template <typename scalar_t, typename acc_t>
+__device__ void band_step(const ElementStep<scalar_t, acc_t>& op, bool* mask, int64_t outer,
+                          int64_t groups, int64_t inner, int64_t band, int64_t local) {
+  __shared__ acc_t buf[kBandBytes / sizeof(acc_t)];
+  const int64_t g0 = local * band;
+  const int64_t nb = groups - g0 < band ? groups - g0 : band;
+  const int64_t span = nb * inner, count = outer * span, row = groups * inner;
+  acc_t* const z = buf;
+  acc_t* const z_weight = buf + count;
+  // j runs fastest along a run, so consecutive threads touch consecutive addresses
+  walk(threadIdx.x, count, kThreads, span, [&](int64_t j, int64_t o, int64_t c) {
+    z[j] = op.dual_and_z(o * row + g0 * inner + c);
+  });
+  __syncthreads();
+  // one warp per group; entry (o, k) of local group gl is z[o * span + gl * inner + k]
+  const int lane = threadIdx.x & 31;
+  for (int64_t gl = threadIdx.x >> 5; gl < nb; gl += kThreads / 32) {
+    acc_t sum_sq = 0;
+    walk(lane, outer * inner, 32, inner, [&](int64_t, int64_t o, int64_t k) {
+      const acc_t x = z[o * span + gl * inner + k];
+      sum_sq += x * x;
+    });
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
+    }
+    if (lane == 0) {
+      const acc_t n = ::sqrt(sum_sq);
+      mask[g0 + gl] = n <= op.thr;  // NaN: not zero
+      z_weight[gl] = n > op.thr ? op.c * ((n - op.thr) / n) : acc_t(0);
+    }
+  }
+  __syncthreads();
+  walk(threadIdx.x, count, kThreads, span, [&](int64_t j, int64_t o, int64_t c) {
+    // c and inner are at most span <= count, which fits the buffer: a 32-bit division
+    op.write_weight(o * row + g0 * inner + c, z[j],
+                    z_weight[static_cast<int>(c) / static_cast<int>(inner)]);
+  });
+}
+
 template <typename scalar_t, int kMode>
 __global__ void __launch_bounds__(kThreads) rmda_elements_kernel(TensorTable table, StepArgs args) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -173,6 +249,8 @@ __global__ void __launch_bounds__(kThreads) rmda_elements_kernel(TensorTable tab
       }
       op.write_weight(e, z, z_weight);
     }
+  } else if constexpr (kMode == kBands) {
+    band_step(op, table.mask[i], outer, groups, inner, table.band[i], local);
   } else {
     const int64_t grp = local, size = outer * inner, row = groups * inner;
     // entry e of the group lives at (e / inner) * row + grp * inner + e % inner
@@ -202,6 +280,13 @@ int scalar_kind(const std::optional<at::Tensor>& t, const char* name) {
   return t->scalar_type() == at::kDouble ? kF64 : kF32;
 }
 
+// Groups per kBands block: as many as leave room in the buffer for their z and z_weight;
+// 0 when not even one fits (then the tensor goes to kGroups).
+int64_t band_groups(const GroupView& v, at::ScalarType dtype) {
+  const int64_t capacity = kBandBytes / static_cast<int64_t>(c10::elementSize(state_dtype(dtype)));
+  return std::min(v.groups, capacity / (v.group_size() + 1));
+}
+
 template <typename scalar_t>
 void launch_table(const TensorTable& table, const StepArgs& args, int mode, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -213,6 +298,7 @@ void launch_table(const TensorTable& table, const StepArgs& args, int mode, cuda
   switch (mode) {
     case kPlain: rmda_elements_kernel<scalar_t, kPlain><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(table, args); break;
     case kSingle: rmda_elements_kernel<scalar_t, kSingle><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(table, args); break;
+    case kBands: rmda_elements_kernel<scalar_t, kBands><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(table, args); break;
     default: rmda_elements_kernel<scalar_t, kGroups><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(table, args); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -243,7 +329,11 @@ void rmda_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
 
   std::map<std::pair<at::ScalarType, int>, std::vector<size_t>> buckets;
   for (size_t i = 0; i < params.size(); ++i) {
-    const int mode = !prox ? kPlain : view_of(views, i).group_size() == 1 ? kSingle : kGroups;
+    // kBands reads each element once, coalesced; kGroups only when one group overflows a band
+    const int mode = !prox                                            ? kPlain
+        : view_of(views, i).group_size() == 1                         ? kSingle
+        : band_groups(view_of(views, i), params[i].scalar_type()) > 0 ? kBands
+                                                                      : kGroups;
     buckets[{params[i].scalar_type(), mode}].push_back(i);
   }
   for (const auto& [key, members] : buckets) {
@@ -265,8 +355,11 @@ void rmda_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
         table.outer[k] = v.outer;
         table.groups[k] = v.groups;
         table.inner[k] = v.inner;
+        table.band[k] = mode == kBands ? band_groups(v, dtype) : 0;
         table.first_block[k] = blocks;
-        blocks += mode == kGroups ? v.groups : (params[i].numel() + kChunk - 1) / kChunk;
+        blocks += mode == kBands    ? (v.groups + table.band[k] - 1) / table.band[k]
+                  : mode == kGroups ? v.groups
+                                    : (params[i].numel() + kChunk - 1) / kChunk;
       }
       table.first_block[table.n] = blocks;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "rmda_step_cuda", [&] {
