@@ -130,20 +130,53 @@ struct ElementStep {
   acc_t* v;
   acc_t beta, grad_weight, thr, c, one_minus_c;
 
-  // pass 1: V <- V + s*g, returns z = W0 - V/beta
-  __device__ __forceinline__ acc_t dual_and_z(int64_t i) const {
-    const acc_t nv = v[i] + grad_weight * static_cast<acc_t>(g[i]);
-    v[i] = nv;
-    return static_cast<acc_t>(w0[i]) - nv / beta;
+  struct Loaded {
+    acc_t g, v, w0, w;  // w: only where one pass also writes W (kPlain, kSingle)
+  };
+  __device__ __forceinline__ Loaded load(int64_t i) const {
+    return {static_cast<acc_t>(g[i]), v[i], static_cast<acc_t>(w0[i]), acc_t(0)};
   }
-  __device__ __forceinline__ void write_weight(int64_t i, acc_t z, acc_t z_weight) const {
-    w[i] = static_cast<scalar_t>(static_cast<acc_t>(w[i]) * one_minus_c + z_weight * z);
+  __device__ __forceinline__ Loaded load_with_weight(int64_t i) const {
+    return {static_cast<acc_t>(g[i]), v[i], static_cast<acc_t>(w0[i]), old_weight(i)};
+  }
+  // pass 1: V <- V + s*g, returns z = W0 - V/beta
+  __device__ __forceinline__ acc_t dual_and_z(int64_t i, const Loaded& x) const {
+    const acc_t nv = x.v + grad_weight * x.g;
+    v[i] = nv;
+    return x.w0 - nv / beta;
+  }
+  __device__ __forceinline__ acc_t dual_and_z(int64_t i) const { return dual_and_z(i, load(i)); }
+  __device__ __forceinline__ acc_t old_weight(int64_t i) const { return static_cast<acc_t>(w[i]); }
+  __device__ __forceinline__ void write_weight(int64_t i, acc_t w_old, acc_t z,
+                                               acc_t z_weight) const {
+    w[i] = static_cast<scalar_t>(w_old * one_minus_c + z_weight * z);
   }
   // pass 2 of a group: z from the V stored in pass 1
   __device__ __forceinline__ void rewrite_weight(int64_t i, acc_t z_weight) const {
-    write_weight(i, static_cast<acc_t>(w0[i]) - v[i] / beta, z_weight);
+    write_weight(i, old_weight(i), static_cast<acc_t>(w0[i]) - v[i] / beta, z_weight);
   }
 };
+
+// A thread's elements j = first, first + stride, ... < end, kUnroll at a time: the loads of
+// all kUnroll are issued before the first store. The compiler may not move a load above a
+// store that could alias it (V is written where g and W0 are read), so a plain loop keeps
+// one element per thread in flight and leaves the memory system idle between round trips.
+constexpr int kUnroll = 4;
+template <typename Load, typename Store>
+__device__ __forceinline__ void unrolled(int64_t first, int64_t end, int64_t stride, Load load,
+                                         Store store) {
+  for (int64_t base = first; base < end; base += kUnroll * stride) {
+    decltype(load(base)) loaded[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (base + u * stride < end) loaded[u] = load(base + u * stride);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (base + u * stride < end) store(base + u * stride, loaded[u]);
+    }
+  }
+}
 
 // Calls f(j, o, c) for j = first, first + stride, ... < count, with j = o * span + c and
 // c < span; (o, c) moves by (stride / span, stride % span) and one carry, so no element pays
@@ -178,10 +211,15 @@ __device__ void band_step(const ElementStep<scalar_t, acc_t>& op, bool* mask, in
   const int64_t span = nb * inner, count = outer * span, row = groups * inner;
   acc_t* const z = buf;
   acc_t* const z_weight = buf + count;
-  // j runs fastest along a run, so consecutive threads touch consecutive addresses
-  walk(threadIdx.x, count, kThreads, span, [&](int64_t j, int64_t o, int64_t c) {
-    z[j] = op.dual_and_z(o * row + g0 * inner + c);
-  });
+  // j runs fastest along a run, so consecutive threads touch consecutive addresses;
+  // j < count <= the buffer's capacity, so 32-bit arithmetic finds its run
+  auto address = [&](int64_t j) {
+    const int o = static_cast<int>(j) / static_cast<int>(span);
+    return o * row + g0 * inner + (j - o * span);
+  };
+  unrolled(threadIdx.x, count, kThreads,
+           [&](int64_t j) { return op.load(address(j)); },
+           [&](int64_t j, const auto& x) { z[j] = op.dual_and_z(address(j), x); });
   __syncthreads();
   // one warp per group; entry (o, k) of local group gl is z[o * span + gl * inner + k]
   const int lane = threadIdx.x & 31;
@@ -201,11 +239,12 @@ __device__ void band_step(const ElementStep<scalar_t, acc_t>& op, bool* mask, in
     }
   }
   __syncthreads();
-  walk(threadIdx.x, count, kThreads, span, [&](int64_t j, int64_t o, int64_t c) {
-    // c and inner are at most span <= count, which fits the buffer: a 32-bit division
-    op.write_weight(o * row + g0 * inner + c, z[j],
-                    z_weight[static_cast<int>(c) / static_cast<int>(inner)]);
-  });
+  unrolled(threadIdx.x, count, kThreads,
+           [&](int64_t j) { return op.old_weight(address(j)); },
+           [&](int64_t j, acc_t w_old) {
+             const int c = static_cast<int>(j) % static_cast<int>(span);
+             op.write_weight(address(j), w_old, z[j], z_weight[c / static_cast<int>(inner)]);
+           });
 }
 
 template <typename scalar_t, int kMode>
@@ -238,17 +277,19 @@ __global__ void __launch_bounds__(kThreads) rmda_elements_kernel(TensorTable tab
     const int64_t numel = outer * groups * inner;
     const int64_t end = numel < (local + 1) * kChunk ? numel : (local + 1) * kChunk;
     bool* mask = table.mask[i];
-    for (int64_t e = local * kChunk + threadIdx.x; e < end; e += kThreads) {
-      const acc_t z = op.dual_and_z(e);
-      acc_t z_weight = op.c;
-      if constexpr (kMode == kSingle) {
-        const acc_t n = z < acc_t(0) ? -z : z;
-        const bool keep = n > thr;
-        mask[e] = n <= thr;  // a NaN is never recorded as zero
-        z_weight = keep ? op.c * ((n - thr) / n) : acc_t(0);
-      }
-      op.write_weight(e, z, z_weight);
-    }
+    unrolled(local * kChunk + threadIdx.x, end, kThreads,
+             [&](int64_t e) { return op.load_with_weight(e); },
+             [&](int64_t e, const auto& x) {
+               const acc_t z = op.dual_and_z(e, x);
+               acc_t z_weight = op.c;
+               if constexpr (kMode == kSingle) {
+                 const acc_t n = z < acc_t(0) ? -z : z;
+                 const bool keep = n > thr;
+                 mask[e] = n <= thr;  // a NaN is never recorded as zero
+                 z_weight = keep ? op.c * ((n - thr) / n) : acc_t(0);
+               }
+               op.write_weight(e, x.w, z, z_weight);
+             });
   } else if constexpr (kMode == kBands) {
     band_step(op, table.mask[i], outer, groups, inner, table.band[i], local);
   } else {

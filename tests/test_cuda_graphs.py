@@ -6,9 +6,12 @@ import pytest
 import torch
 
 import rmda_fused
-from conftest import usable_backend
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    pytest.mark.skipif(rmda_fused.available_backends()["cuda"] is not None,
+                       reason=f"cuda backend: {rmda_fused.available_backends()['cuda']}"),
+]
 
 SHAPES = [(16, 8, 3, 3), (16,), (32, 16, 1, 1), (10, 32), (10,)]
 
@@ -33,7 +36,6 @@ def _optimizer(params, backend):
 
 @pytest.mark.parametrize("backend", ["cuda"])
 def test_captured_step_replays_as_eager_steps(backend):
-    usable_backend(backend, "cuda")
     eager_params, graph_params = _params(0), _params(0)
     eager, captured = _optimizer(eager_params, backend), _optimizer(graph_params, backend)
     static_grads = _grads(0)

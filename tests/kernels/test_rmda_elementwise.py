@@ -68,7 +68,7 @@ def test_mixed_dtypes_make_one_bucket_each(device):
             torch.testing.assert_close(params.p[i], ref_backend.p[i], rtol=2 ** -7, atol=1e-3)
         else:
             tol = 1e-12 if dt == torch.float64 else 1e-5
-            err = float((params.p[i].double() - exact.W[i]).abs().max())
+            err = float((params.p[i].double().cpu() - exact.W[i]).abs().max())
             assert err <= tol, f"{dt}: {err}"
         assert torch.equal(params.t[i], ref_backend.t[i])
 
