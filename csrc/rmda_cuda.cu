@@ -200,8 +200,9 @@ __device__ __forceinline__ void walk(int64_t first, int64_t count, int64_t strid
 
 // kBands: the block owns groups [g0, g0 + nb), i.e. `outer` runs of span = nb * inner elements,
 // run o starting at o * groups * inner + g0 * inner. The buffer holds z of every element of
-// the band (band index j = o * span + c) and then one z_weight per group; the host picks
-// band * (outer * inner + 1) <= its capacity.
+// the band (band index j = o * span + c), then one z_weight per group and at most
+// band + kThreads / 32 partial norms; the host picks band * (outer * inner + 2) + kThreads / 32
+// <= its capacity.
 template <typename scalar_t, typename acc_t>
 __device__ void band_step(const ElementStep<scalar_t, acc_t>& op, bool* mask, int64_t outer,
                           int64_t groups, int64_t inner, int64_t band, int64_t local) {
@@ -221,22 +222,35 @@ __device__ void band_step(const ElementStep<scalar_t, acc_t>& op, bool* mask, in
            [&](int64_t j) { return op.load(address(j)); },
            [&](int64_t j, const auto& x) { z[j] = op.dual_and_z(address(j), x); });
   __syncthreads();
-  // one warp per group; entry (o, k) of local group gl is z[o * span + gl * inner + k]
+  // Group norms: nb groups x S slices over the warps, S > 1 when there are fewer groups than
+  // warps (no warp idles while another sums a large group alone). Each (group, slice) sum
+  // gets its own slot after z_weight, and a group's slots are added in order, so every run
+  // gives the same bits. Entry (o, k) of local group gl is z[o * span + gl * inner + k].
+  constexpr int kWarps = kThreads / 32;
+  const int slices = nb >= kWarps ? 1 : kWarps / static_cast<int>(nb);
+  const int64_t size = outer * inner, per_slice = (size + slices - 1) / slices;
+  acc_t* const partial = z_weight + nb;  // nb * slices <= nb + kWarps slots
   const int lane = threadIdx.x & 31;
-  for (int64_t gl = threadIdx.x >> 5; gl < nb; gl += kThreads / 32) {
+  for (int64_t task = threadIdx.x >> 5; task < nb * slices; task += kWarps) {
+    const int64_t gl = task / slices, first = (task % slices) * per_slice;
+    const int64_t last = first + per_slice < size ? first + per_slice : size;
     acc_t sum_sq = 0;
-    walk(lane, outer * inner, 32, inner, [&](int64_t, int64_t o, int64_t k) {
+    walk(first + lane, last, 32, inner, [&](int64_t, int64_t o, int64_t k) {
       const acc_t x = z[o * span + gl * inner + k];
       sum_sq += x * x;
     });
     for (int offset = 16; offset > 0; offset >>= 1) {
       sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
     }
-    if (lane == 0) {
-      const acc_t n = ::sqrt(sum_sq);
-      mask[g0 + gl] = n <= op.thr;  // NaN: not zero
-      z_weight[gl] = n > op.thr ? op.c * ((n - op.thr) / n) : acc_t(0);
-    }
+    if (lane == 0) partial[task] = sum_sq;
+  }
+  __syncthreads();
+  for (int64_t gl = threadIdx.x; gl < nb; gl += kThreads) {
+    acc_t sum_sq = 0;
+    for (int s = 0; s < slices; ++s) sum_sq += partial[gl * slices + s];
+    const acc_t n = ::sqrt(sum_sq);
+    mask[g0 + gl] = n <= op.thr;  // NaN: not zero
+    z_weight[gl] = n > op.thr ? op.c * ((n - op.thr) / n) : acc_t(0);
   }
   __syncthreads();
   unrolled(threadIdx.x, count, kThreads,
@@ -321,11 +335,11 @@ int scalar_kind(const std::optional<at::Tensor>& t, const char* name) {
   return t->scalar_type() == at::kDouble ? kF64 : kF32;
 }
 
-// Groups per kBands block: as many as leave room in the buffer for their z and z_weight;
-// 0 when not even one fits (then the tensor goes to kGroups).
+// Groups per kBands block: as many as leave room in the buffer for their z, z_weight and
+// partial norms (band_step); 0 when not even one fits (then the tensor goes to kGroups).
 int64_t band_groups(const GroupView& v, at::ScalarType dtype) {
   const int64_t capacity = kBandBytes / static_cast<int64_t>(c10::elementSize(state_dtype(dtype)));
-  return std::min(v.groups, capacity / (v.group_size() + 1));
+  return std::min(v.groups, (capacity - kThreads / 32) / (v.group_size() + 2));
 }
 
 template <typename scalar_t>

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = "csrc"  # relative to the repository root; installed as rmda_fused/csrc
 CPU_SOURCES = [f"{CSRC}/bindings.cpp", f"{CSRC}/rmda_cpu.cpp", f"{CSRC}/cpu/work_plan.cpp"]
-CUDA_SOURCES = [f"{CSRC}/rmda_cuda.cu"]
+CUDA_SOURCES = [f"{CSRC}/rmda_cuda.cu", f"{CSRC}/nonfinite_cuda.cu"]
 EXTENSION_NAME = "rmda_fused._C"
 # x86-64 builds assume AVX2+FMA (every x86 server CPU since 2013); load() refuses a CPU
 # without them instead of dying on an illegal instruction.
@@ -172,6 +172,10 @@ def _register_fake(torch) -> None:
     @torch.library.register_fake("rmda_fused::rmda_step_")
     def _(params, grads, initials, duals, steps, alphas, zero_masks, views, lr, momentum, lam,
           lr_tensor=None, grad_scale=None, found_inf=None):
+        return None
+
+    @torch.library.register_fake("rmda_fused::nonfinite_")
+    def _(tensors, found_inf):
         return None
 
 

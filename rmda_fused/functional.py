@@ -201,13 +201,13 @@ def nonfinite_flag(grads: list[Tensor]) -> Tensor | None:
     gradient's device, 1 when a gradient has a NaN or an infinity (None: no gradients).
     No host sync.
 
-    On CPU, a plain fp32 sum per tensor is the cheapest reduction that propagates them (a
-    max-norm costs 3-8x more); a finite gradient beyond the fp32 range, |sum| > 3.4e38, also
-    counts there: its update would not be finite either. Elsewhere it is GradScaler's own
-    check (``torch._amp_foreach_non_finite_check_and_unscale_`` with a scale of exactly 1,
-    which leaves every gradient bit-identical): one multi-tensor launch per dtype and no
-    per-tensor results, so its host cost does not grow with the number of tensors. That
-    check has no bf16 kernel on CUDA: bf16 gradients take multi-tensor L1 norms there."""
+    On CUDA it is the extension's read-only multi-tensor check (csrc/nonfinite_cuda.cu): a
+    launch per dtype and no per-tensor results, so its host cost does not grow with the
+    number of tensors. Without the extension, GradScaler's check with a scale of exactly 1
+    (which leaves every gradient bit-identical; it has no bf16 kernel, so bf16 takes
+    multi-tensor L1 norms). On CPU, a plain fp32 sum per tensor is the cheapest reduction
+    that propagates them (a max-norm costs 3-8x more); a finite gradient beyond the fp32
+    range, |sum| > 3.4e38, also counts there: its update would not be finite either."""
     by_bucket: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for g in grads:
         by_bucket.setdefault((g.device, g.dtype), []).append(g)
@@ -216,17 +216,19 @@ def nonfinite_flag(grads: list[Tensor]) -> Tensor | None:
     device = next(iter(by_bucket))[0]
     sums: list[Tensor] = []
     flags: dict[torch.device, Tensor] = {}
-    for (where, _), gs in by_bucket.items():
+    for (where, dtype), gs in by_bucket.items():
         if where.type == "cpu":
             sums += [g.sum(dtype=torch.float32) for g in gs]
             continue
-        if gs[0].dtype not in _AMP_CHECK_DTYPES:
-            sums += torch._foreach_norm(gs, 1, dtype=torch.float32)
-            continue
         if where not in flags:
             flags[where] = torch.zeros((), dtype=torch.float32, device=where)
-        torch._amp_foreach_non_finite_check_and_unscale_(gs, flags[where],
-                                                         _constant(1.0, where))
+        if where.type == "cuda" and _unavailable("cuda") is None:
+            torch.ops.rmda_fused.nonfinite_(gs, flags[where])
+        elif dtype in _AMP_CHECK_DTYPES:
+            torch._amp_foreach_non_finite_check_and_unscale_(gs, flags[where],
+                                                             _constant(1.0, where))
+        else:
+            sums += torch._foreach_norm(gs, 1, dtype=torch.float32)
     parts = list(flags.values())
     if sums:
         parts.append(torch.stack(sums).isfinite().all().logical_not().to(torch.float32))
