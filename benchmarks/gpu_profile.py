@@ -14,14 +14,10 @@ import statistics
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from rmda_fused.selftest import is_kernel_event
+
 from .baselines import DTYPES, methods_for, model_workload
 from .timing import time_calls
-
-
-def _kernel_events(prof) -> list:
-    return [e for e in prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA
-            and not e.name.startswith(("Memcpy", "Memset"))]
 
 
 def profile_step(step, steps: int) -> dict:
@@ -32,7 +28,7 @@ def profile_step(step, steps: int) -> dict:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    kernels = _kernel_events(prof)
+    kernels = [e for e in prof.events() if is_kernel_event(e)]
     names: dict[str, float] = {}
     for e in kernels:
         names[e.name[:60]] = names.get(e.name[:60], 0.0) + e.device_time / steps

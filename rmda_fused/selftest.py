@@ -178,15 +178,18 @@ def kernel_launches(step: Callable[[], object]) -> int | None:
             torch.cuda.synchronize()
     except Exception:
         return None
-    return sum(1 for e in prof.events() if _is_kernel(e))
+    return sum(1 for e in prof.events() if is_kernel_event(e))
 
 
-def _is_kernel(event) -> bool:
+def is_kernel_event(event) -> bool:
+    """Whether a torch.profiler event is a GPU kernel (not a copy, a memset, or the
+    ``Optimizer.step#...`` annotation, which the profiler also puts on the GPU's timeline)."""
     kind = getattr(event, "activity_type", None)  # newer torch names the activity (2.11 does not)
     if kind is not None:
         return kind == "kernel"
     return (event.device_type == torch.autograd.DeviceType.CUDA
-            and not event.name.startswith(("Memcpy", "Memset")))
+            and not getattr(event, "is_user_annotation", False)
+            and not event.name.startswith(("Memcpy", "Memset", "Optimizer.")))
 
 
 def _optimizers(backends: list[str]) -> dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]]:
