@@ -57,7 +57,7 @@ setup(
     + ["rmda_fused.kernels", "rmda_fused.csrc"],
     package_dir={"rmda_fused.kernels": "kernels", "rmda_fused.csrc": "csrc"},
     package_data={"rmda_fused": ["py.typed"],
-                  "rmda_fused.csrc": ["*.cpp", "*.cu", "*.h", "*/*.cpp", "*/*.h", "README.md"]},
+                  "rmda_fused.csrc": ["*.cpp", "*.cu", "*.h", "*/*.cpp", "*/*.h", "*/*.cuh", "README.md"]},
     install_requires=["torch>=2.4", "tqdm", "scikit-learn"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "matplotlib", "torchvision", "torch-pruning"],

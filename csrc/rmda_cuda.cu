@@ -36,12 +36,12 @@
 #include <utility>
 #include <vector>
 
+#include "cuda/band_step.cuh"
 #include "rmda_common.h"
 
 namespace rmda_fused {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int64_t kChunk = kThreads * 16;
 // Kernel parameters may be 32 KiB since CUDA 12.1 (4 KiB before).
 #if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
@@ -49,10 +49,6 @@ constexpr int kMaxTensors = 128;
 #else
 constexpr int kMaxTensors = 36;
 #endif
-// Shared buffer of a kBands block, in bytes: 48 KiB, the most a block may hold statically.
-// Its entries are state-dtype (acc_t) values, so a band of a double tensor holds half as many
-// elements as one of a float, half or bfloat16 tensor (6144 against 12288).
-constexpr int64_t kBandBytes = 48 * 1024;
 
 enum Mode : int { kPlain = 0, kSingle = 1, kGroups = 2, kBands = 3 };
 enum ScalarKind : int { kNone = 0, kF32 = 1, kF64 = 2 };
@@ -122,147 +118,11 @@ __device__ T block_sum(T x) {
   return x;
 }
 
-template <typename scalar_t, typename acc_t>
-struct ElementStep {
-  scalar_t* w;
-  const scalar_t* g;
-  const scalar_t* w0;
-  acc_t* v;
-  acc_t beta, grad_weight, thr, c, one_minus_c;
-
-  struct Loaded {
-    acc_t g, v, w0, w;  // w: only where one pass also writes W (kPlain, kSingle)
-  };
-  __device__ __forceinline__ Loaded load(int64_t i) const {
-    return {static_cast<acc_t>(g[i]), v[i], static_cast<acc_t>(w0[i]), acc_t(0)};
-  }
-  __device__ __forceinline__ Loaded load_with_weight(int64_t i) const {
-    return {static_cast<acc_t>(g[i]), v[i], static_cast<acc_t>(w0[i]), old_weight(i)};
-  }
-  // pass 1: V <- V + s*g, returns z = W0 - V/beta
-  __device__ __forceinline__ acc_t dual_and_z(int64_t i, const Loaded& x) const {
-    const acc_t nv = x.v + grad_weight * x.g;
-    v[i] = nv;
-    return x.w0 - nv / beta;
-  }
-  __device__ __forceinline__ acc_t dual_and_z(int64_t i) const { return dual_and_z(i, load(i)); }
-  __device__ __forceinline__ acc_t old_weight(int64_t i) const { return static_cast<acc_t>(w[i]); }
-  __device__ __forceinline__ void write_weight(int64_t i, acc_t w_old, acc_t z,
-                                               acc_t z_weight) const {
-    w[i] = static_cast<scalar_t>(w_old * one_minus_c + z_weight * z);
-  }
-  // pass 2 of a group: z from the V stored in pass 1
-  __device__ __forceinline__ void rewrite_weight(int64_t i, acc_t z_weight) const {
-    write_weight(i, old_weight(i), static_cast<acc_t>(w0[i]) - v[i] / beta, z_weight);
-  }
-};
-
-// A thread's elements j = first, first + stride, ... < end, kUnroll at a time: the loads of
-// all kUnroll are issued before the first store. The compiler may not move a load above a
-// store that could alias it (V is written where g and W0 are read), so a plain loop keeps
-// one element per thread in flight and leaves the memory system idle between round trips.
-constexpr int kUnroll = 4;
-template <typename Load, typename Store>
-__device__ __forceinline__ void unrolled(int64_t first, int64_t end, int64_t stride, Load load,
-                                         Store store) {
-  for (int64_t base = first; base < end; base += kUnroll * stride) {
-    decltype(load(base)) loaded[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (base + u * stride < end) loaded[u] = load(base + u * stride);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (base + u * stride < end) store(base + u * stride, loaded[u]);
-    }
-  }
-}
-
-// Calls f(j, o, c) for j = first, first + stride, ... < count, with j = o * span + c and
-// c < span; (o, c) moves by (stride / span, stride % span) and one carry, so no element pays
-// for a division.
-template <typename F>
-__device__ __forceinline__ void walk(int64_t first, int64_t count, int64_t stride, int64_t span,
-                                     F f) {
-  if (first >= count) return;  // count > 0 from here on, so span > 0
-  const int64_t step_o = stride / span, step_c = stride % span;
-  int64_t o = first / span, c = first % span;
-  for (int64_t j = first; j < count; j += stride) {
-    f(j, o, c);
-    o += step_o;
-    c += step_c;
-    if (c >= span) {
-      c -= span;
-      ++o;
-    }
-  }
-}
-
-// kBands: the block owns groups [g0, g0 + nb), i.e. `outer` runs of span = nb * inner elements,
-// run o starting at o * groups * inner + g0 * inner. The buffer holds z of every element of
-// the band (band index j = o * span + c), then one z_weight per group and at most
-// band + kThreads / 32 partial norms; the host picks band * (outer * inner + 2) + kThreads / 32
-// <= its capacity.
-template <typename scalar_t, typename acc_t>
-__device__ void band_step(const ElementStep<scalar_t, acc_t>& op, bool* mask, int64_t outer,
-                          int64_t groups, int64_t inner, int64_t band, int64_t local) {
-  __shared__ acc_t buf[kBandBytes / sizeof(acc_t)];
-  const int64_t g0 = local * band;
-  const int64_t nb = groups - g0 < band ? groups - g0 : band;
-  const int64_t span = nb * inner, count = outer * span, row = groups * inner;
-  acc_t* const z = buf;
-  acc_t* const z_weight = buf + count;
-  // j runs fastest along a run, so consecutive threads touch consecutive addresses;
-  // j < count <= the buffer's capacity, so 32-bit arithmetic finds its run
-  auto address = [&](int64_t j) {
-    const int o = static_cast<int>(j) / static_cast<int>(span);
-    return o * row + g0 * inner + (j - o * span);
-  };
-  unrolled(threadIdx.x, count, kThreads,
-           [&](int64_t j) { return op.load(address(j)); },
-           [&](int64_t j, const auto& x) { z[j] = op.dual_and_z(address(j), x); });
-  __syncthreads();
-  // Group norms: nb groups x S slices over the warps, S > 1 when there are fewer groups than
-  // warps (no warp idles while another sums a large group alone). Each (group, slice) sum
-  // gets its own slot after z_weight, and a group's slots are added in order, so every run
-  // gives the same bits. Entry (o, k) of local group gl is z[o * span + gl * inner + k].
-  constexpr int kWarps = kThreads / 32;
-  const int slices = nb >= kWarps ? 1 : kWarps / static_cast<int>(nb);
-  const int64_t size = outer * inner, per_slice = (size + slices - 1) / slices;
-  acc_t* const partial = z_weight + nb;  // nb * slices <= nb + kWarps slots
-  const int lane = threadIdx.x & 31;
-  for (int64_t task = threadIdx.x >> 5; task < nb * slices; task += kWarps) {
-    const int64_t gl = task / slices, first = (task % slices) * per_slice;
-    const int64_t last = first + per_slice < size ? first + per_slice : size;
-    acc_t sum_sq = 0;
-    walk(first + lane, last, 32, inner, [&](int64_t, int64_t o, int64_t k) {
-      const acc_t x = z[o * span + gl * inner + k];
-      sum_sq += x * x;
-    });
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
-    }
-    if (lane == 0) partial[task] = sum_sq;
-  }
-  __syncthreads();
-  for (int64_t gl = threadIdx.x; gl < nb; gl += kThreads) {
-    acc_t sum_sq = 0;
-    for (int s = 0; s < slices; ++s) sum_sq += partial[gl * slices + s];
-    const acc_t n = ::sqrt(sum_sq);
-    mask[g0 + gl] = n <= op.thr;  // NaN: not zero
-    z_weight[gl] = n > op.thr ? op.c * ((n - op.thr) / n) : acc_t(0);
-  }
-  __syncthreads();
-  unrolled(threadIdx.x, count, kThreads,
-           [&](int64_t j) { return op.old_weight(address(j)); },
-           [&](int64_t j, acc_t w_old) {
-             const int c = static_cast<int>(j) % static_cast<int>(span);
-             op.write_weight(address(j), w_old, z[j], z_weight[c / static_cast<int>(inner)]);
-           });
-}
-
+// The 48 KiB band buffer allows 4 blocks per SM (Hopper: 228 KiB); holding registers to what
+// 4 blocks can have (64 per thread) keeps them from lowering that to 3.
+constexpr int kBlocksPerSM = 4;
 template <typename scalar_t, int kMode>
-__global__ void __launch_bounds__(kThreads) rmda_elements_kernel(TensorTable table, StepArgs args) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM) rmda_elements_kernel(TensorTable table, StepArgs args) {
   using acc_t = at::opmath_type<scalar_t>;
   if (skip_step(args)) return;
   const int64_t block = blockIdx.x;
