@@ -37,7 +37,7 @@ def test_torch_switches_accepted_when_off(switch):
 
 @pytest.mark.parametrize("switch, names", [
     ("foreach", "backend='reference'"), ("fused", "backend='cpu', 'cuda' or 'triton'"),
-    ("capturable", "not supported yet"), ("differentiable", "no backend"),
+    ("capturable", "captured in a CUDA graph as it is"), ("differentiable", "no backend"),
 ])
 def test_torch_switches_refused_when_on_name_the_backend_option(switch, names):
     with pytest.raises(ValueError, match=f"{switch}=True is not supported: .*{names}"):
