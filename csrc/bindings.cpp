@@ -1,6 +1,6 @@
 // The rmda_fused operator library: the schema of the fused RMDA step and the Python module
 // object `rmda_fused._C` that loading it needs. The CPU and CUDA kernels register themselves
-// for these schemas in rmda_cpu.cpp, rmda_cuda.cu and nonfinite_cuda.cu.
+// for these schemas in rmda_cpu.cpp, rmda_cuda.cu, nonfinite_cpu.cpp and nonfinite_cuda.cu.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -25,6 +25,6 @@ TORCH_LIBRARY(rmda_fused, m) {
       "Tensor(e!)[] zero_groups, int[] views, float lr, float momentum, float lam, "
       "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // Sets found_inf (a float32 scalar) to 1 when an entry of any tensor is a NaN or an
-  // infinity; never to 0, so a caller zeroes it first (CUDA only: nonfinite_cuda.cu).
+  // infinity; never to 0, so a caller zeroes it first (nonfinite_cpu.cpp, nonfinite_cuda.cu).
   m.def("nonfinite_(Tensor[] tensors, Tensor(a!) found_inf) -> ()");
 }

@@ -77,7 +77,21 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     name = _RESOLVED.get((backend, device))
     if name is None:
         name = _RESOLVED[(backend, device)] = _resolve(backend, device)
+        _extension_checks(device.type)  # looked up by every step's gradient check
     return name
+
+
+# device type -> whether the C++ extension's gradient check runs there: a plain dict, as
+# _RESOLVED, filled when a backend is resolved (the optimizer does that at construction)
+_EXTENSION_CHECKS: dict[str, bool] = {}
+
+
+def _extension_checks(device_type: str) -> bool:
+    usable = _EXTENSION_CHECKS.get(device_type)
+    if usable is None:
+        usable = _EXTENSION_CHECKS[device_type] = (
+            device_type in ("cpu", "cuda") and _unavailable(device_type) is None)
+    return usable
 
 
 def _resolve(backend: str, device: torch.device) -> str:
@@ -201,40 +215,48 @@ def nonfinite_flag(grads: list[Tensor]) -> Tensor | None:
     gradient's device, 1 when a gradient has a NaN or an infinity (None: no gradients).
     No host sync.
 
-    On CUDA it is the extension's read-only multi-tensor check (csrc/nonfinite_cuda.cu): a
-    launch per dtype and no per-tensor results, so its host cost does not grow with the
-    number of tensors. Without the extension, GradScaler's check with a scale of exactly 1
-    (which leaves every gradient bit-identical; it has no bf16 kernel, so bf16 takes
-    multi-tensor L1 norms). On CPU, a plain fp32 sum per tensor is the cheapest reduction
-    that propagates them (a max-norm costs 3-8x more); a finite gradient beyond the fp32
-    range, |sum| > 3.4e38, also counts there: its update would not be finite either."""
-    by_bucket: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    Where the C++ extension runs (CPU, and CUDA when built with it) this is its read-only
+    multi-tensor check (csrc/nonfinite_cpu.cpp, csrc/nonfinite_cuda.cu): one parallel region
+    or one launch per dtype, and no per-tensor results, so its host cost hardly grows with
+    the number of tensors. Without the extension: on CPU a plain fp32 sum per tensor (a NaN
+    or an infinity makes it non-finite; so does a finite gradient whose sum exceeds the fp32
+    range), elsewhere GradScaler's check with a scale of exactly 1, which leaves every
+    gradient bit-identical (it has no bf16 kernel: bf16 takes multi-tensor L1 norms)."""
+    by_device: dict[torch.device, list[Tensor]] = {}
     for g in grads:
-        by_bucket.setdefault((g.device, g.dtype), []).append(g)
-    if not by_bucket:
+        by_device.setdefault(g.device, []).append(g)
+    if not by_device:
         return None
-    device = next(iter(by_bucket))[0]
-    sums: list[Tensor] = []
-    flags: dict[torch.device, Tensor] = {}
-    for (where, dtype), gs in by_bucket.items():
-        if where.type == "cpu":
-            sums += [g.sum(dtype=torch.float32) for g in gs]
-            continue
-        if where not in flags:
-            flags[where] = torch.zeros((), dtype=torch.float32, device=where)
-        if where.type == "cuda" and _unavailable("cuda") is None:
-            torch.ops.rmda_fused.nonfinite_(gs, flags[where])
-        elif dtype in _AMP_CHECK_DTYPES:
-            torch._amp_foreach_non_finite_check_and_unscale_(gs, flags[where],
-                                                             _constant(1.0, where))
+    device = next(iter(by_device))
+    parts = []
+    for where, gs in by_device.items():
+        flag = torch.zeros((), dtype=torch.float32, device=where)
+        if _extension_checks(where.type):
+            torch.ops.rmda_fused.nonfinite_(gs, flag)
+            parts.append(flag)
         else:
-            sums += torch._foreach_norm(gs, 1, dtype=torch.float32)
-    parts = list(flags.values())
-    if sums:
-        parts.append(torch.stack(sums).isfinite().all().logical_not().to(torch.float32))
+            parts.append(_nonfinite_without_extension(gs, flag))
     if len(parts) == 1 and parts[0].device == device:
         return parts[0]
     return torch.stack([x.to(device, non_blocking=True) for x in parts]).amax()
+
+
+def _nonfinite_without_extension(grads: list[Tensor], flag: Tensor) -> Tensor:
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    sums: list[Tensor] = []
+    for dtype, gs in by_dtype.items():
+        if flag.device.type == "cpu":
+            sums += [g.sum(dtype=torch.float32) for g in gs]
+        elif dtype in _AMP_CHECK_DTYPES:
+            torch._amp_foreach_non_finite_check_and_unscale_(gs, flag,
+                                                             _constant(1.0, flag.device))
+        else:
+            sums += torch._foreach_norm(gs, 1, dtype=torch.float32)
+    if sums:
+        return torch.maximum(flag, torch.stack(sums).isfinite().all().logical_not().float())
+    return flag
 
 
 _AMP_CHECK_DTYPES = (torch.float32, torch.float16, torch.float64)
