@@ -47,6 +47,13 @@ def step_both(pairs, seeds):
             opt.step()
 
 
+def assert_twins_step_alike(opt, params, twin, copies, seeds):
+    """Both optimizers take the same steps; their parameters stay bit-identical."""
+    step_both([(opt, params), (twin, copies)], seeds=seeds)
+    for p, q in zip(params, copies):
+        assert torch.equal(p.detach(), q.detach())
+
+
 @pytest.mark.parametrize("lr", [0.1, torch.tensor(0.1)], ids=["float lr", "tensor lr"])
 def test_state_dict_round_trip_is_deterministic(backend, device, lr):
     opt, params = primed(backend, device, lr=fresh({"lr": lr})["lr"])
@@ -58,9 +65,7 @@ def test_state_dict_round_trip_is_deterministic(backend, device, lr):
     assert_same(twin.state_dict(), opt.state_dict())  # loaded == original
     for i, q in enumerate(copies):  # the twin's state is its own, not the dict's tensors
         assert twin.state[q]["dual"].data_ptr() != given["state"][i]["dual"].data_ptr()
-    step_both([(opt, params), (twin, copies)], seeds=range(10, 13))
-    for p, q in zip(params, copies):
-        assert torch.equal(p.detach(), q.detach())
+    assert_twins_step_alike(opt, params, twin, copies, seeds=range(10, 13))
     assert_same(twin.state_dict(), opt.state_dict())
 
 
@@ -73,9 +78,7 @@ def test_weights_only_save_and_load(backend, device):
     assert_same(loaded, opt.state_dict())
     twin, copies = twin_of(opt, params)
     twin.load_state_dict(loaded)
-    step_both([(opt, params), (twin, copies)], seeds=[20])
-    for p, q in zip(params, copies):
-        assert torch.equal(p.detach(), q.detach())
+    assert_twins_step_alike(opt, params, twin, copies, seeds=[20])
 
 
 def test_older_state_dict_without_the_newer_options_loads(backend, device):
@@ -88,9 +91,7 @@ def test_older_state_dict_without_the_newer_options_loads(backend, device):
     twin.load_state_dict(older)
     for key in NEWER_OPTIONS:  # each takes its default again
         assert twin.param_groups[0][key] == opt.param_groups[0][key], key
-    step_both([(opt, params), (twin, copies)], seeds=[30])
-    for p, q in zip(params, copies):
-        assert torch.equal(p.detach(), q.detach())
+    assert_twins_step_alike(opt, params, twin, copies, seeds=[30])
 
 
 @pytest.mark.parametrize("named_from", [False, True], ids=["from plain", "from named"])
@@ -102,9 +103,7 @@ def test_named_and_plain_state_dicts_load_into_each_other(backend, device, named
     twin.load_state_dict(copy.deepcopy(opt.state_dict()))
     if named_from or named_to:
         assert twin.state_dict()["param_groups"][0]["param_names"] == ["p0", "p1"]
-    step_both([(opt, params), (twin, copies)], seeds=[40])
-    for p, q in zip(params, copies):
-        assert torch.equal(p.detach(), q.detach())
+    assert_twins_step_alike(opt, params, twin, copies, seeds=[40])
 
 
 def test_step_saved_as_a_python_number_loads(backend, device):
