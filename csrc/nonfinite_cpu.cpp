@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "rmda_common.h"
+
 namespace rmda_fused {
 namespace {
 
@@ -51,22 +53,12 @@ bool chunk_is_finite(const scalar_t* x, int64_t begin, int64_t end) {
 }
 
 void nonfinite_cpu(at::TensorList tensors, const at::Tensor& found_inf) {
-  TORCH_CHECK(found_inf.scalar_type() == at::kFloat && found_inf.numel() == 1 &&
-                  found_inf.device().is_cpu(),
-              "nonfinite_: found_inf must be a one-element float32 CPU tensor");
-  // a dense tensor's memory is its numel entries in some order; any other is read through a
-  // contiguous copy (reserve: the pointers into `dense` must stay valid)
-  std::vector<at::Tensor> dense;
-  dense.reserve(tensors.size());
+  const std::vector<at::Tensor> dense = nonfinite_inputs(tensors, found_inf);
   std::vector<Chunk> chunks;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    TORCH_CHECK(t.device().is_cpu() && t.is_floating_point(),
-                "nonfinite_: tensor ", i, " must be a floating-point CPU tensor");
-    dense.push_back(t.is_non_overlapping_and_dense() ? t : t.contiguous());
+  for (const at::Tensor& t : dense) {
     for (int64_t begin = 0; begin < t.numel(); begin += kChunk) {
-      chunks.push_back({dense.back().data_ptr(), t.scalar_type(), begin,
-                        std::min(begin + kChunk, t.numel())});
+      chunks.push_back(
+          {t.data_ptr(), t.scalar_type(), begin, std::min(begin + kChunk, t.numel())});
     }
   }
   std::atomic<bool> bad{false};

@@ -15,6 +15,8 @@
 #include <map>
 #include <vector>
 
+#include "rmda_common.h"
+
 namespace rmda_fused {
 namespace {
 
@@ -49,21 +51,10 @@ __global__ void __launch_bounds__(kThreads) nonfinite_kernel(ReadTable table, fl
 }
 
 void nonfinite_cuda(at::TensorList tensors, const at::Tensor& found_inf) {
-  TORCH_CHECK(found_inf.scalar_type() == at::kFloat && found_inf.numel() == 1 &&
-                  found_inf.is_cuda(),
-              "nonfinite_: found_inf must be a one-element float32 CUDA tensor");
-  // a dense tensor's memory is its numel entries in some order; any other is read through a
-  // contiguous copy (reserve: the pointers into `dense` must stay valid)
-  std::vector<at::Tensor> dense;
-  dense.reserve(tensors.size());
+  const std::vector<at::Tensor> dense = nonfinite_inputs(tensors, found_inf);
   std::map<at::ScalarType, std::vector<const at::Tensor*>> buckets;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    TORCH_CHECK(t.device() == found_inf.device() && t.is_floating_point(),
-                "nonfinite_: tensor ", i, " must be a floating-point tensor on ",
-                found_inf.device());
-    dense.push_back(t.is_non_overlapping_and_dense() ? t : t.contiguous());
-    if (t.numel() > 0) buckets[t.scalar_type()].push_back(&dense.back());
+  for (const at::Tensor& t : dense) {
+    if (t.numel() > 0) buckets[t.scalar_type()].push_back(&t);
   }
   const c10::cuda::CUDAGuard guard(found_inf.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

@@ -1,7 +1,7 @@
-// Shared by the CPU and CUDA kernels of rmda_fused::rmda_step_ (see csrc/bindings.cpp for the
-// schema and docs/algorithm.md, "The update", for the update). Only argument checks and the
-// group-view decoding live here, so the two devices cannot disagree about what a valid call
-// is.
+// Shared by the CPU and CUDA kernels of rmda_fused::rmda_step_ and rmda_fused::nonfinite_ (see
+// csrc/bindings.cpp for the schemas and docs/algorithm.md, "The update", for the update). Only
+// argument checks and the group-view decoding live here, so the two devices cannot disagree
+// about what a valid call is.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace rmda_fused {
 
@@ -106,6 +107,24 @@ inline void check_step_args(
                   "parameters' device");
     }
   }
+}
+
+// The checked tensors of nonfinite_, each dense: a dense tensor's memory is its numel entries
+// in some order, so a kernel reads it flat; any other is read through a contiguous copy.
+inline std::vector<at::Tensor> nonfinite_inputs(at::TensorList tensors,
+                                                const at::Tensor& found_inf) {
+  TORCH_CHECK(found_inf.scalar_type() == at::kFloat && found_inf.numel() == 1,
+              "nonfinite_: found_inf must be a one-element float32 tensor");
+  std::vector<at::Tensor> dense;
+  dense.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.device() == found_inf.device() && t.is_floating_point(),
+                "nonfinite_: tensor ", i, " must be a floating-point tensor on ",
+                found_inf.device());
+    dense.push_back(t.is_non_overlapping_and_dense() ? t : t.contiguous());
+  }
+  return dense;
 }
 
 }  // namespace rmda_fused
