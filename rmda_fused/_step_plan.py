@@ -71,9 +71,6 @@ class GroupPlan:
         except RuntimeError:  # a sparse gradient has no strides: the full checks name it
             return False
 
-    def present(self, grads: list[Tensor | None]) -> list[Tensor]:
-        return [g for g in grads if g is not None]
-
     def run(self, group: dict[str, Any], grads: list[Tensor | None],
             grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """Every route's kernels (resolved and split when the plan was built)."""

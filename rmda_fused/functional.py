@@ -315,7 +315,9 @@ def step_batch_(batch: StepBatch, options: StepOptions, backend: str) -> None:
     the rest runs on ``reference`` (:func:`route_batch`). The optimizer replays the same
     routes through its step plans (rmda_fused/_step_plan.py)."""
     for device, name, positions in route_batch(batch, options.grouping, backend):
-        run_route(name, device, batch.select(positions), options)
+        # positions are in order: all of them is the batch itself, no copy
+        routed = batch if len(positions) == len(batch) else batch.select(positions)
+        run_route(name, device, routed, options)
 
 
 def _on(options: StepOptions, device: torch.device) -> StepOptions:

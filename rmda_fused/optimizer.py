@@ -242,7 +242,7 @@ class RMDA(torch.optim.Optimizer):
         # every group is checked, and its backend resolved, before any state is created or
         # any tensor written: a refused step leaves the optimizer and the parameters as
         # they were. A group whose step plan still fits skips the full checks.
-        work = []
+        checked = []
         for index, group in enumerate(self.param_groups):
             self._check_hyperparameters(group, where=f"param group {index}")
             grads = [p.grad for p in group["params"]]
@@ -250,19 +250,20 @@ class RMDA(torch.optim.Optimizer):
             if plan is None or not plan.matches(self.state, group, grads):
                 plan = None
                 self._check_step_inputs(index, group)
-            work.append((index, group, grads, plan))
+            checked.append((index, group, grads, plan))
         if not self._momentum_warned:
             self._warn_if_large_momentum(typed=False)
-        for k, (index, group, grads, plan) in enumerate(work):
+        work = []
+        for index, group, grads, plan in checked:
             if plan is None:
                 plan = self._plans[index] = GroupPlan(self, group, grads)
-                work[k] = (index, group, grads, plan)
+            work.append((group, grads, plan))
         checked_inf = found_inf
         if found_inf is None:  # no GradScaler checked these gradients: check them here
             checked_inf = functional.nonfinite_flag(
-                [g for _, group, grads, plan in work if group["skip_nonfinite"]
-                 for g in plan.present(grads)])
-        for _, group, grads, plan in work:
+                [g for group, grads, _ in work if group["skip_nonfinite"]
+                 for g in grads if g is not None])
+        for group, grads, plan in work:
             skip_flag = checked_inf if group["skip_nonfinite"] else found_inf
             plan.run(group, grads, grad_scale, skip_flag)
         return loss
