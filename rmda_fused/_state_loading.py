@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .batch import state_dtype
+from .coupled import check_channel_groups
 from .grouping import effective_grouping, group_view
 from .structure import MASK_KEY, with_current_mask_key
 
@@ -59,6 +60,7 @@ def check_and_wrap(optimizer: RMDA, state_dict: dict[str, Any]) -> dict[str, Any
         where = f"load_state_dict: param group {index}"
         optimizer._check_hyperparameters(loaded, where)
         optimizer._check_switches(loaded, where)
+        check_channel_groups({**loaded, "params": group["params"]}, where)
         new_groups.append(loaded)
     saved_state = state_dict["state"]
     index = 0

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import functional
 from .batch import StepBatch, StepOptions
+from .coupled import CoupledStep, split_members
 from .grouping import effective_grouping, memory_group_view
 from .structure import MASK_KEY
 
@@ -34,6 +35,7 @@ class GroupPlan:
         self.params = list(params)
         self.has_grad = tuple(g is not None for g in grads)
         self.grouping, self.backend = group["grouping"], group["backend"]
+        self.channel_groups = group.get("channel_groups")
         present = [i for i, g in enumerate(grads) if g is not None]
         self.signatures = self._signatures(grads)
         self.state = optimizer.state
@@ -46,6 +48,17 @@ class GroupPlan:
             rows.setdefault(grouping, []).append(
                 (i, p, grads[i], state["initial"], state["dual"], state["step"],
                  state["alpha"], state.get(MASK_KEY), view))
+        # coupled tensors whose groups reach no other tensor step as input_channel ones
+        self.coupled: CoupledStep | None = None
+        if "coupled" in rows:
+            entries = rows.pop("coupled")
+            by_position = {entry[0]: entry for entry in entries}
+            alone, crossing = split_members(group, list(by_position))
+            if alone:
+                rows.setdefault("input_channel", []).extend(by_position[i] for i in alone)
+            if crossing:
+                self.coupled = CoupledStep(group, [by_position[i] for i in crossing],
+                                           self.backend, functional.route_batch)
         # (grouping, device, backend name, batch without its gradients, their positions)
         self.routes: list[tuple[str, torch.device, str, StepBatch, list[int]]] = []
         for grouping, entries in rows.items():
@@ -63,6 +76,7 @@ class GroupPlan:
         """Whether this plan still describes the group's step with these gradients."""
         if (state is not self.state or group["grouping"] != self.grouping
                 or group["backend"] != self.backend or len(grads) != len(self.has_grad)
+                or group.get("channel_groups") is not self.channel_groups
                 or tuple(g is not None for g in grads) != self.has_grad
                 or any(p is not q for p, q in zip(group["params"], self.params))):
             return False
@@ -79,3 +93,7 @@ class GroupPlan:
                                   grad_scale, found_inf, group["maximize"])
             batch = template.with_grads([grads[i] for i in positions])
             functional.run_route(name, device, batch, options)
+        if self.coupled is not None:
+            options = StepOptions(group["lr"], group["momentum"], group["lam"], "coupled",
+                                  grad_scale, found_inf, group["maximize"])
+            self.coupled.run(group, grads, options, functional.run_coupled_phase)

@@ -310,6 +310,13 @@ def run_route(name: str, device: torch.device, batch: StepBatch,
     _BACKENDS[name].rmda_step_(batch, _signed(_on(options, device), device))
 
 
+def run_coupled_phase(phase: str, name: str, device: torch.device, batch: StepBatch,
+                      options: StepOptions, buffers: list[Tensor]) -> None:
+    """One half of a coupled step on backend ``name`` (``phase`` is ``rmda_partials_`` or
+    ``rmda_apply_``, rmda_fused/coupled.py), with the AMP scalars on ``device``."""
+    getattr(_BACKENDS[name], phase)(batch, _signed(_on(options, device), device), buffers)
+
+
 def step_batch_(batch: StepBatch, options: StepOptions, backend: str) -> None:
     """One step of a validated batch: per device, the fused backend takes what it can and
     the rest runs on ``reference`` (:func:`route_batch`). The optimizer replays the same
@@ -360,6 +367,9 @@ def rmda_step(
     argument is checked, and the backend resolved, before any tensor is written.
     """
     check_grouping(grouping)
+    if grouping == "coupled":
+        raise ValueError("rmda_step: coupled groups span tensors and need their "
+                         "channel_groups: step them with rmda_fused.RMDA")
     check_backend_name(backend)
     views = [memory_group_view(p, grouping) for p in params]
     batch = StepBatch(params, grads, initials, duals, steps, alphas, zero_masks, views)

@@ -9,6 +9,9 @@ group ``g`` is the slice ``view[:, g, :]`` of ``outer * inner`` entries.
 - ``input_channel``  (O, I, k...) -> (O, I, prod(k))   one group per input channel
 - ``output_channel`` (O, I, k...) -> (1, O, I*prod(k)) one group per filter / row
 - ``elementwise``    any shape    -> (1, numel, 1)     L1: every entry its own group
+- ``coupled``        (O, I, k...) -> (O, I, prod(k))   input-channel slices whose norm is
+  taken together with the slices of other tensors that read the same channel
+  (:mod:`rmda_fused.coupled`): per tensor, the kernels walk the input_channel view
 - ``none``           no groups, no proximal step
 """
 from __future__ import annotations
@@ -20,8 +23,8 @@ import torch
 
 from .batch import state_dtype
 
-GROUPINGS = ("input_channel", "output_channel", "elementwise", "none")
-_CHANNEL_GROUPINGS = ("input_channel", "output_channel")
+GROUPINGS = ("input_channel", "output_channel", "elementwise", "coupled", "none")
+_CHANNEL_GROUPINGS = ("input_channel", "output_channel", "coupled")
 
 
 class GroupView(NamedTuple):
@@ -57,7 +60,7 @@ def group_view(shape: torch.Size | tuple[int, ...], grouping: str) -> GroupView 
         return None
     if grouping == "elementwise":
         return GroupView(1, math.prod(shape), 1)
-    if grouping == "input_channel":
+    if grouping in ("input_channel", "coupled"):
         return GroupView(shape[0], shape[1], math.prod(shape[2:]))
     if grouping == "output_channel":
         return GroupView(1, shape[0], math.prod(shape[1:]))
@@ -86,7 +89,7 @@ def memory_group_view(tensor: torch.Tensor, grouping: str) -> GroupView | None:
     if order is None:
         return view
     sizes = [tensor.shape[d] for d in order]
-    k = order.index(1 if grouping == "input_channel" else 0)
+    k = order.index(0 if grouping == "output_channel" else 1)
     return GroupView(math.prod(sizes[:k]), sizes[k], math.prod(sizes[k + 1:]))
 
 
@@ -97,7 +100,7 @@ def num_groups(shape: torch.Size | tuple[int, ...], grouping: str) -> int:
 
 def norm_dims(ndim: int, grouping: str) -> tuple[int, ...]:
     """Dims a group norm reduces over, for layout-agnostic (e.g. channels_last) torch code."""
-    if grouping == "input_channel":
+    if grouping in ("input_channel", "coupled"):
         return (0,) + tuple(range(2, ndim))
     if grouping == "output_channel":
         return tuple(range(1, ndim))

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from . import _state_loading, functional
+from . import _state_loading, coupled, functional
 from ._step_plan import GroupPlan
 from ._warnings import warn_caller
 from .batch import state_dtype
@@ -62,8 +62,10 @@ class RMDA(torch.optim.Optimizer):
         momentum: **c**, the weight of the new prox point in ``W <- (1-c) W + c z``,
             0 < c <= 1 (the authors use 0.1). Not SGD's 0.9: above 0.5 RMDA warns once.
         lam: regularization strength (group LASSO / L1), >= 0.
-        grouping: ``"input_channel"``, ``"output_channel"``, ``"elementwise"`` (L1) or
-            ``"none"``; see :mod:`rmda_fused.grouping`. Tensors with fewer than 2 dims
+        grouping: ``"input_channel"``, ``"output_channel"``, ``"elementwise"`` (L1),
+            ``"coupled"`` (a group per channel over every tensor that reads it: the group
+            then needs ``channel_groups``, see :mod:`rmda_fused.coupled`) or ``"none"``;
+            see :mod:`rmda_fused.grouping`. Tensors with fewer than 2 dims
             (biases, norm weights) are not regularized in a channel grouping.
         backend: ``"auto"`` or a name from :func:`rmda_fused.available_backends`.
         maximize: follow the gradient upwards (the objective is maximized).
@@ -198,6 +200,7 @@ class RMDA(torch.optim.Optimizer):
             # checked once here, not per step: reading a device lr would sync
             raise ValueError(f"param group {index}: Invalid learning rate: {group['lr']!r} "
                              "(must be finite and >= 0)")
+        coupled.check_channel_groups(group, where=f"param group {index}")
         for i, p in enumerate(group["params"]):
             name = f"param group {index}, parameter {i}"
             if p.is_complex():
@@ -275,6 +278,8 @@ class RMDA(torch.optim.Optimizer):
                                lambda k: f"param group {index}, parameter {with_grad[k][0]}")
         for device in dict.fromkeys(p.device for _, p in with_grad):
             functional.resolve_backend(group["backend"], device)
+        coupled.check_members_step_together(
+            group, [p.grad is not None for p in group["params"]], where=f"param group {index}")
 
     def _move_steps_to_params(self) -> None:
         """t back on its parameter's device after a load kept it where it was saved."""
@@ -307,27 +312,57 @@ class RMDA(torch.optim.Optimizer):
 
     @torch.no_grad()
     def prox_point(self, p: Tensor) -> Tensor:
-        """z = prox(W0 - V/beta, lam*A/beta) for one parameter, rebuilt from its state.
+        """z = prox(W0 - V/beta, lam*A/beta) for one parameter, rebuilt from its state (for a
+        coupled group's member, from the state of every member of its group).
 
         A parameter that has taken no step since the last restart has no z; its W is returned.
         """
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-        state = self.state.get(p)
-        if not state or float(state["step"]) == 0.0:
-            return p.detach().clone()
-        beta = state["step"].sqrt()
-        z = state["initial"].to(state["dual"].dtype) - state["dual"] / beta
-        grouping = effective_grouping(p.shape, group["grouping"])
-        if grouping != "none":
-            group_prox_(z, group["lam"] * state["alpha"] / beta, grouping)
-        return z.to(p.dtype)
+        index = next(i for i, q in enumerate(group["params"]) if q is p)
+        return self._prox_points(group, only=index)[index]
 
     @torch.no_grad()
     def apply_prox_point(self) -> None:
         """Set every parameter to its prox point z: groups the prox zeroed become exactly 0."""
         for group in self.param_groups:
-            for p in group["params"]:
-                p.copy_(self.prox_point(p))
+            points = self._prox_points(group)
+            for i, p in enumerate(group["params"]):
+                p.copy_(points[i])
+
+    def _prox_points(self, group: dict[str, Any], only: int | None = None) -> dict[int, Tensor]:
+        """{position: z} for the parameters of ``group`` (just ``only`` and what its groups
+        need, if given), in the parameters' dtypes."""
+        params = group["params"]
+        points: dict[int, Tensor] = {}
+        pending = []  # coupled members: their prox needs the others' z
+        for i, p in enumerate(params):
+            grouping = effective_grouping(p.shape, group["grouping"])
+            if only is not None and i != only and grouping != "coupled":
+                continue
+            state = self.state.get(p)
+            if not state or float(state["step"]) == 0.0:
+                points[i] = p.detach().clone()
+                continue
+            beta = state["step"].sqrt()
+            z = state["initial"].to(state["dual"].dtype) - state["dual"] / beta
+            tau = group["lam"] * state["alpha"] / beta
+            if grouping == "coupled":
+                pending.append((i, z, tau))
+                continue
+            if grouping != "none":
+                group_prox_(z, tau, grouping)
+            points[i] = z.to(p.dtype)
+        if pending:
+            ids = group["channel_groups"]
+            regularized = [q for q in params if q.dim() >= 2]
+            cols = [ids[i] for i, q in enumerate(params) if q.dim() >= 2]
+            num_groups = int(torch.cat(cols).max()) + 1 if cols else 0
+            coupled.coupled_prox_([z for _, z, _ in pending], [ids[i] for i, _, _ in pending],
+                                  [tau for _, _, tau in pending],
+                                  coupled.group_entries(regularized, cols, num_groups))
+            for i, z, _ in pending:
+                points[i] = z.to(params[i].dtype)
+        return points
 
     # -- state_dict ------------------------------------------------------------------------
 

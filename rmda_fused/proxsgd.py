@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from .coupled import check_channel_groups, coupled_prox_
 from .grouping import check_grouping, effective_grouping, group_prox_
 from .structure import MASK_KEY, with_current_mask_key
 
@@ -41,6 +42,7 @@ class ProxSGD(torch.optim.SGD):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         check_grouping(group["grouping"])
+        check_channel_groups(group, where=f"ProxSGD: param group {len(self.param_groups) - 1}")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -52,10 +54,20 @@ class ProxSGD(torch.optim.SGD):
             if group["grouping"] == "none":
                 continue
             tau = group["lr"] * group["lam"]
-            for p in group["params"]:
+            coupled = []
+            for i, p in enumerate(group["params"]):
                 grouping = effective_grouping(p.shape, group["grouping"])
-                if p.grad is not None and grouping != "none":
+                if p.grad is None or grouping == "none":
+                    continue
+                if grouping == "coupled":  # shrunk below, together
+                    coupled.append((p, group["channel_groups"][i]))
+                else:
                     self.state[p][MASK_KEY] = group_prox_(p, tau, grouping)
+            if coupled:
+                masks = coupled_prox_([p for p, _ in coupled], [ids for _, ids in coupled],
+                                      [tau] * len(coupled))
+                for (p, _), mask in zip(coupled, masks):
+                    self.state[p][MASK_KEY] = mask
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from .coupled import coupled_zero_masks, group_entries
 from .grouping import effective_grouping, group_view, zero_group_mask
 
 # the state key of z's zero mask, in RMDA and ProxSGD; state dicts saved before it was
@@ -32,17 +33,31 @@ def with_current_mask_key(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class TensorSparsity:
+    """The groups of one regularized tensor, or (``grouping="coupled"``) every coupled group
+    of one param group, whose members span tensors (``shape`` is then empty and
+    ``group_size`` the mean entries per group)."""
+
     name: str
     shape: tuple[int, ...]
     grouping: str
     groups: int
     zero_count: int
     group_size: int
+    entries: int | None = None  # entries of all groups, when they differ in size
+    zero_entries: int | None = None  # entries of the zero groups, likewise
 
     @property
     def fraction(self) -> float:
-        """Fraction of this tensor's groups that are exactly zero."""
+        """Fraction of these groups that are exactly zero."""
         return self.zero_count / self.groups if self.groups else 0.0
+
+    @property
+    def total_entries(self) -> int:
+        return self.groups * self.group_size if self.entries is None else self.entries
+
+    @property
+    def zero_total_entries(self) -> int:
+        return self.zero_count * self.group_size if self.zero_entries is None else self.zero_entries
 
 
 @dataclass(frozen=True)
@@ -66,60 +81,95 @@ class SparsityReport:
     @property
     def weighted_fraction(self) -> float:
         """Model-wide fraction of regularized entries that lie in a zero group."""
-        total = sum(t.groups * t.group_size for t in self.tensors)
-        zero = sum(t.zero_count * t.group_size for t in self.tensors)
+        total = sum(t.total_entries for t in self.tensors)
+        zero = sum(t.zero_total_entries for t in self.tensors)
         return zero / total if total else 0.0
 
     def __str__(self) -> str:
         lines = [f"group sparsity of {self.of}: {self.zero_count}/{self.groups} groups "
                  f"({self.fraction:.1%}), {self.weighted_fraction:.1%} of entries"]
-        lines += [f"  {t.name:<40} {str(t.shape):<20} {t.zero_count:>6}/{t.groups:<6} "
-                  f"{t.fraction:6.1%}" for t in self.tensors]
+        lines += [f"  {t.name:<40} {str(t.shape or t.grouping):<20} {t.zero_count:>6}/"
+                  f"{t.groups:<6} {t.fraction:6.1%}" for t in self.tensors]
         return "\n".join(lines)
 
 
-def _regularized(optimizer: torch.optim.Optimizer) -> Iterator[tuple[Tensor, str]]:
-    for group in optimizer.param_groups:
-        for p in group["params"]:
+@dataclass(frozen=True)
+class _Unit:
+    """What one report entry covers: a regularized tensor, or a coupled param group's
+    members (``params``, with their column ids)."""
+
+    params: list[Tensor]
+    grouping: str
+    ids: list[Tensor] | None = None
+    index: int = 0  # of the param group, for a coupled unit's name
+
+
+def _units(optimizer: torch.optim.Optimizer) -> Iterator[_Unit]:
+    for index, group in enumerate(optimizer.param_groups):
+        members = []
+        for i, p in enumerate(group["params"]):
             grouping = effective_grouping(p.shape, group.get("grouping", "none"))
-            if grouping != "none":
-                yield p, grouping
+            if grouping == "coupled":
+                members.append((p, group["channel_groups"][i]))
+            elif grouping != "none":
+                yield _Unit([p], grouping)
+        if members:
+            yield _Unit([p for p, _ in members], "coupled", [ids for _, ids in members], index)
+
+
+def _column_mask(optimizer: torch.optim.Optimizer, p: Tensor, grouping: str, of: str) -> Tensor:
+    state = optimizer.state.get(p, {})
+    if of == "z" and MASK_KEY in state:
+        return state[MASK_KEY]
+    if of == "z":  # no step yet: z is undefined, report no zero group
+        return torch.zeros(group_view(p.shape, grouping).groups, dtype=torch.bool, device=p.device)
+    return zero_group_mask(p, grouping)
+
+
+def _unit_mask(optimizer: torch.optim.Optimizer, unit: _Unit, of: str) -> Tensor:
+    """One bool per group of the unit (for a coupled unit, per coupled group in id order)."""
+    if of not in ("z", "W"):
+        raise ValueError(f"of must be 'z' or 'W', got {of!r}")
+    masks = [_column_mask(optimizer, p, unit.grouping, of) for p in unit.params]
+    return masks[0] if unit.ids is None else coupled_zero_masks(masks, unit.ids)
 
 
 def _zero_masks(optimizer: torch.optim.Optimizer, of: str) -> list[Tensor]:
-    """One bool mask per regularized parameter: z's from the state, or W's computed now."""
-    if of not in ("z", "W"):
-        raise ValueError(f"of must be 'z' or 'W', got {of!r}")
-    masks = []
-    for p, grouping in _regularized(optimizer):
-        state = optimizer.state.get(p, {})
-        if of == "z" and MASK_KEY in state:
-            masks.append(state[MASK_KEY])
-        elif of == "z":  # no step yet: z is undefined, report no zero group
-            masks.append(torch.zeros(group_view(p.shape, grouping).groups, dtype=torch.bool, device=p.device))
-        else:
-            masks.append(zero_group_mask(p, grouping))
-    return masks
+    """One bool mask per report entry: z's from the state, or W's computed now."""
+    return [_unit_mask(optimizer, unit, of) for unit in _units(optimizer)]
 
 
 def group_sparsity(
     optimizer: torch.optim.Optimizer, of: str = "z", model: nn.Module | None = None
 ) -> SparsityReport:
-    """Per-tensor and model-wide group sparsity of z (default) or of W.
+    """Per-tensor and model-wide group sparsity of z (default) or of W; a coupled param
+    group is one entry with one group per coupled group.
 
     ``model`` only names the tensors in the report. One host sync for the whole report.
     """
     names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
-    params = list(_regularized(optimizer))
-    masks = _zero_masks(optimizer, of)
+    units = list(_units(optimizer))
+    masks = [_unit_mask(optimizer, unit, of) for unit in units]
     counts = (torch.stack([m.sum() for m in masks]).tolist() if masks else [])
     tensors = []
-    for i, ((p, grouping), count) in enumerate(zip(params, counts)):
-        view = group_view(p.shape, grouping)
+    for i, (unit, mask, count) in enumerate(zip(units, masks, counts)):
+        if unit.ids is None:
+            p = unit.params[0]
+            view = group_view(p.shape, unit.grouping)
+            tensors.append(TensorSparsity(
+                name=names.get(id(p), f"param {i}"), shape=tuple(p.shape),
+                grouping=unit.grouping, groups=view.groups, zero_count=int(count),
+                group_size=view.group_size))
+            continue
+        all_ids = torch.cat(unit.ids)
+        present = torch.unique(all_ids)
+        sizes = group_entries(unit.params, unit.ids, int(present.max()) + 1 if present.numel() else 0)[present]
+        entries, zero_entries = int(sizes.sum()), int(sizes[mask.cpu()].sum())
         tensors.append(TensorSparsity(
-            name=names.get(id(p), f"param {i}"), shape=tuple(p.shape), grouping=grouping,
-            groups=view.groups, zero_count=int(count), group_size=view.group_size,
-        ))
+            name=f"coupled groups of param group {unit.index}", shape=(), grouping="coupled",
+            groups=present.numel(), zero_count=int(count),
+            group_size=entries // max(present.numel(), 1), entries=entries,
+            zero_entries=zero_entries))
     return SparsityReport(of=of, tensors=tensors)
 
 

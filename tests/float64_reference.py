@@ -14,7 +14,7 @@ import math
 
 import torch
 
-GROUPINGS = ("input_channel", "output_channel", "elementwise", "none")
+GROUPINGS = ("input_channel", "output_channel", "elementwise", "none")  # coupled: own driver
 
 
 def group_slices(shape: tuple[int, ...], grouping: str) -> list[tuple]:
@@ -136,8 +136,30 @@ class Float64RMDA:
     def _round(self, W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return W.to(dtype).to(torch.float64) if self.round_w else W
 
-    def param_step(self, st: ParamState, g: torch.Tensor, lr: float, c: float, lam: float,
-                   grouping: str) -> None:
+    def coupled_prox(self, zs: list[torch.Tensor], ids: list[list[int]], taus: list[float]):
+        """The prox of coupled groups (shared/SPEC.md): the columns ``zs[k][:, j]`` with the
+        same id ``ids[k][j]`` form one group, across tensors. Returns (prox points, and per
+        tensor and column: its group zero?, its group's norm - threshold, its group's norm)."""
+        members: dict[int, list[tuple[int, int]]] = {}
+        for k, col_ids in enumerate(ids):
+            for j, g in enumerate(col_ids):
+                members.setdefault(g, []).append((k, j))
+        out = [z.clone() for z in zs]
+        zero = [torch.zeros(len(col_ids), dtype=torch.bool) for col_ids in ids]
+        margin = [torch.zeros(len(col_ids), dtype=torch.float64) for col_ids in ids]
+        norm = [torch.zeros(len(col_ids), dtype=torch.float64) for col_ids in ids]
+        for cols in members.values():
+            n = math.sqrt(sum(float((zs[k][:, j] ** 2).sum()) for k, j in cols))
+            size = sum(zs[k][:, j].numel() for k, j in cols)
+            thr = self.group_threshold(taus[cols[0][0]], size)
+            for k, j in cols:
+                out[k][:, j] = zs[k][:, j] * ((n - thr) / n) if n > thr else 0.0
+                zero[k][j] = n <= thr  # a NaN norm is never zero
+                margin[k][j], norm[k][j] = n - thr, n
+        return out, zero, margin, norm
+
+    def dual_step(self, st: ParamState, g: torch.Tensor, lr: float) -> tuple[torch.Tensor, float]:
+        """t, A and V of one parameter; returns (z before the prox, beta)."""
         g = g.detach().to("cpu", torch.float64)
         if st.W0 is None:
             st.W0 = st.W.clone()
@@ -146,16 +168,43 @@ class Float64RMDA:
         s = self.step_size(lr, beta)
         st.A = self.accumulate_alpha(st.A, s)
         st.V = self.accumulate_dual(st.V, s, g)
-        z = self.dual_point(st.W0, st.V, beta)
-        channel_less = grouping in ("input_channel", "output_channel") and g.dim() < 2
-        if grouping != "none" and not channel_less:  # no regularization there, lam ignored
-            tau = self.threshold(lam, st.A, beta)
-            z, st.zero, st.margin, st.norm = self.prox(z, tau, grouping)
+        return self.dual_point(st.W0, st.V, beta), beta
+
+    def finish_step(self, st: ParamState, z: torch.Tensor, c: float) -> None:
         st.z = z
         st.W = self._round(self.mix(st.W, z, c), st.dtype)
         st.c_min = min(st.c_min, c)
         if st.W.numel():
             st.absmax = max(st.absmax, float(st.W.abs().max()))
+
+    def param_step(self, st: ParamState, g: torch.Tensor, lr: float, c: float, lam: float,
+                   grouping: str) -> None:
+        z, beta = self.dual_step(st, g, lr)
+        channel_less = grouping in ("input_channel", "output_channel") and g.dim() < 2
+        if grouping != "none" and not channel_less:  # no regularization there, lam ignored
+            tau = self.threshold(lam, st.A, beta)
+            z, st.zero, st.margin, st.norm = self.prox(z, tau, grouping)
+        self.finish_step(st, z, c)
+
+    def coupled_group_step(self, group: dict, grads: list) -> None:
+        """A "coupled" param group: every member's dual step, then the prox over groups
+        that span tensors (``group["channel_groups"]``: per parameter its column ids)."""
+        lr, c, lam = float(group["lr"]), float(group["momentum"]), float(group["lam"])
+        members = []
+        for st, g, ids in zip(group["states"], grads, group["channel_groups"]):
+            if g is None:
+                self.skip_step(st)
+                continue
+            z, beta = self.dual_step(st, g, lr)
+            if g.dim() < 2:
+                self.finish_step(st, z, c)
+            else:
+                members.append((st, z, [int(x) for x in ids], self.threshold(lam, st.A, beta)))
+        results = self.coupled_prox([m[1] for m in members], [m[2] for m in members],
+                                    [m[3] for m in members])
+        for (st, *_), z, zero, margin, norm in zip(members, *results):
+            st.zero, st.margin, st.norm = zero, margin, norm
+            self.finish_step(st, z, c)
 
     def step(self, grads: list[torch.Tensor | None]) -> None:
         """One optimizer step; ``grads`` is aligned with :attr:`states` (None: no gradient)."""
@@ -163,8 +212,11 @@ class Float64RMDA:
         assert len(grads) == len(states)
         it = iter(grads)
         for group in self.groups:
-            for st in group["states"]:
-                g = next(it)
+            mine = [next(it) for _ in group["states"]]
+            if group["grouping"] == "coupled":
+                self.coupled_group_step(group, mine)
+                continue
+            for st, g in zip(group["states"], mine):
                 if g is None:
                     self.skip_step(st)
                     continue

@@ -75,6 +75,8 @@ def make_model(case: str) -> nn.Module:
         # multinomial logistic regression: a Linear(64, 10); its input-channel groups are the
         # 10-entry columns, one per pixel, so group sparsity = fraction of pixels ignored
         return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    if case == "rescnn":
+        return ResidualCNN()
     if case == "cnn":
         # small, so 3 seeds x 9 runs fit in minutes on CPU; 1 + 16 + 128 input-channel groups
         return nn.Sequential(
@@ -85,11 +87,51 @@ def make_model(case: str) -> nn.Module:
     raise ValueError(f"unknown case {case!r}")
 
 
-def make_optimizer(case: Case, method: str, lam: float, model: nn.Module):
-    """The optimizer and its lr scheduler. All three decay lr by 0.1 at the same milestones."""
+class ResidualCNN(nn.Module):
+    """A small ResNet for 8x8 digits: a stem, two residual blocks at 16 channels (identity
+    shortcuts: one residual stream read by four convs) and one at 32 with a 1x1 projection.
+    Its channels are coupled across layers, which is what coupled groups are for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU())
+        self.blocks = nn.ModuleList([_Block(16, 16, 1), _Block(16, 16, 1), _Block(16, 32, 2)])
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+class _Block(nn.Module):
+    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False), nn.BatchNorm2d(outputs),
+            nn.ReLU(), nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False), nn.BatchNorm2d(outputs))
+        self.shortcut = nn.Identity() if stride == 1 and inputs == outputs else nn.Sequential(
+            nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def _groups(model: nn.Module, lam: float, grouping: str, example: torch.Tensor | None):
+    if grouping == "coupled":
+        return param_groups(model, lam, "coupled", example_inputs=example)
+    return param_groups(model, lam, grouping)
+
+
+def make_optimizer(case: Case, method: str, lam: float, model: nn.Module,
+                   grouping: str = "input_channel", example: torch.Tensor | None = None):
+    """The optimizer and its lr scheduler. All three decay lr by 0.1 at the same milestones.
+    ``example``: a batch, which coupled groups trace the model with."""
     lr = case.lr[method]
     if method == "RMDA":
-        opt = RMDA(param_groups(model, lam), lr=lr, momentum=case.rmda_momentum)
+        opt = RMDA(_groups(model, lam, grouping, example), lr=lr, momentum=case.rmda_momentum)
         # the authors' restart: W0 <- W at each milestone, and c <- min(c/0.1, 1)
         sched = MultiStepRestart(opt, list(case.milestones), gamma=0.1, momentum_schedule="iclr")
         return opt, sched
@@ -98,8 +140,8 @@ def make_optimizer(case: Case, method: str, lam: float, model: nn.Module):
         # (never-zero) pattern like the others, so one code path reports on all of them
         lam = 0.0 if method == "SGD" else lam
         dampening = case.sgd_momentum if method == "ProxSGD-ema" else 0.0
-        opt = ProxSGD(param_groups(model, lam), lr=lr, momentum=case.sgd_momentum,
-                      dampening=dampening)
+        opt = ProxSGD(_groups(model, lam, grouping, example), lr=lr,
+                      momentum=case.sgd_momentum, dampening=dampening)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(case.milestones), gamma=0.1)
         return opt, sched
     raise ValueError(f"unknown method {method!r}")
@@ -113,12 +155,14 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return acc
 
 
-def train(case: Case, method: str, lam: float, seed: int) -> Run:
+def train(case: Case, method: str, lam: float, seed: int, grouping: str = "input_channel",
+          keep_model: bool = False) -> Run | tuple[Run, nn.Module]:
+    """One run; with ``keep_model``, (run, the final model) (W <- z for RMDA)."""
     start = time.perf_counter()
     x_train, y_train, x_test, y_test = load_digits_split(seed, per_pixel=True)
     torch.manual_seed(seed)  # same init for every method of this seed
     model = make_model(case.name)
-    opt, sched = make_optimizer(case, method, lam, model)
+    opt, sched = make_optimizer(case, method, lam, model, grouping, x_train[:2])
     # two trackers: per step (the theorem's "finitely many steps") and per epoch (the plots)
     per_step, per_epoch = IdentificationTracker(opt), IdentificationTracker(opt)
     loss_fn = nn.CrossEntropyLoss()
@@ -155,4 +199,4 @@ def train(case: Case, method: str, lam: float, seed: int) -> Run:
         opt.apply_prox_point()  # W <- z: the exactly structured model one would deploy
     run.final_accuracy = _accuracy(model, x_test, y_test)
     run.seconds = time.perf_counter() - start
-    return run
+    return (run, model) if keep_model else run

@@ -68,7 +68,9 @@ def parser() -> argparse.ArgumentParser:
                    help="RMDA's c at restarts (rmda_fused.MultiStepRestart)")
     p.add_argument("--lam", type=finite_float, help="regularization strength (rmda, proxsgd)")
     p.add_argument("--grouping", default="input_channel",
-                   choices=["input_channel", "output_channel", "elementwise"])
+                   choices=["input_channel", "output_channel", "elementwise", "coupled"],
+                   help="coupled: one group per channel over every conv/linear that reads it, "
+                        "so that each zero group is a channel --export-slim removes")
     p.add_argument("--weight-decay", type=finite_float, default=1e-4, help="--optimizer sgd only")
     p.add_argument("--milestones", type=int, nargs="*",
                    help="epochs after which lr *= gamma (and RMDA restarts); default: the preset's "

@@ -63,7 +63,9 @@ def train(args: Any, info: Dist) -> dict[str, Any]:
     model = build_model(args.arch, data.num_classes).to(info.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer, scheduler = optim.build(args, model)
+    # coupled groups trace the model once, on a real batch (rank 0's and every rank's alike)
+    example = next(iter(data.val))[0][:1].to(info.device) if args.grouping == "coupled" else None
+    optimizer, scheduler = optim.build(args, model, example)
     if isinstance(optimizer, RMDA):
         say(f"RMDA backend: {', '.join(dict.fromkeys(optimizer.backend_names()))} "
             f"(rmda_fused.available_backends(): {available_backends()})")

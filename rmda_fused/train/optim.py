@@ -15,25 +15,34 @@ DEFAULT_LR = {"rmda": 1.0, "proxsgd": 0.1, "sgd": 0.1}
 DEFAULT_MOMENTUM = {"rmda": 0.1, "proxsgd": 0.9, "sgd": 0.9}
 
 
-def build(args: Any, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+def build(args: Any, model: nn.Module,
+          example_inputs: torch.Tensor | None = None) -> tuple[torch.optim.Optimizer, Any]:
     """(optimizer, scheduler); ``scheduler.step()`` is called once per epoch. SystemExit with
-    the optimizer's own message when it refuses a hyper-parameter (e.g. RMDA's c = 0)."""
+    the optimizer's own message when it refuses a hyper-parameter (e.g. RMDA's c = 0).
+    ``example_inputs``: a batch the model takes, which ``--grouping coupled`` traces."""
     try:
-        return _build(args, model)
+        return _build(args, model, example_inputs)
     except ValueError as exc:
         raise SystemExit(f"--optimizer {args.optimizer}: {exc}") from None
 
 
-def _build(args: Any, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+def _groups(args: Any, model: nn.Module, example_inputs: torch.Tensor | None) -> list[dict]:
+    if args.grouping == "coupled":
+        return param_groups(model, args.lam, "coupled", example_inputs=example_inputs)
+    return param_groups(model, args.lam, args.grouping)
+
+
+def _build(args: Any, model: nn.Module,
+           example_inputs: torch.Tensor | None) -> tuple[torch.optim.Optimizer, Any]:
     if args.optimizer == "rmda":
-        optimizer = RMDA(param_groups(model, args.lam, args.grouping), lr=args.lr,
+        optimizer = RMDA(_groups(args, model, example_inputs), lr=args.lr,
                          momentum=args.momentum, backend=args.backend)
         schedule = None if args.momentum_schedule == "none" else args.momentum_schedule
         return optimizer, MultiStepRestart(optimizer, args.milestones, gamma=args.gamma,
                                            momentum_schedule=schedule)
     if args.optimizer == "proxsgd":
         # the same two groups as RMDA: conv/linear weights regularized, the rest plain
-        groups = param_groups(model, args.lam, args.grouping)
+        groups = _groups(args, model, example_inputs)
         optimizer = ProxSGD(groups, lr=args.lr, momentum=args.momentum)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
