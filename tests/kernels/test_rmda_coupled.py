@@ -19,7 +19,8 @@ from rmda_fused.batch import StepBatch, StepOptions, state_dtype
 from rmda_fused.grouping import memory_group_view
 
 # 7x7 taps fold a run over several band rows; 200 rows of 3x3 split a band over programs
-SHAPES = [(6, 5, 3, 3), (16, 7, 1, 1), (9, 13), (3, 1), (0, 4), (4, 3, 7, 7), (200, 3, 3, 3)]
+SHAPES = [(6, 5, 3, 3), (16, 7, 1, 1), (9, 13), (3, 1), (0, 4), (4, 0), (4, 3, 7, 7),
+          (200, 3, 3, 3)]
 TINY_TILE = (4, 8, 4)  # folds and splits the bands of the small shapes too
 
 
