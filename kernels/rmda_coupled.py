@@ -201,7 +201,7 @@ def _rmda_apply_kernel(
         tl.store(p_ptr + offs, round_to(w, P, RTNE), mask=m)
 
 
-class _Plan(NamedTuple):
+class _LaunchPlan(NamedTuple):
     dims: list[tuple[int, int, int, int]]  # the meta rows' shape words
     n_bands: int
     n_reduces: int
@@ -237,16 +237,16 @@ _PLAN_CACHE = LRUCache(64)
 _TARGET_CACHE = LRUCache(64)
 
 
-def _plan(batch: StepBatch, tile: tuple[int, int, int]) -> _Plan:
+def _launch_plan(batch: StepBatch, tile: tuple[int, int, int]) -> _LaunchPlan:
     device, state = batch.params[0].device, batch.duals[0].dtype
     views = tuple(tuple(v) for v in batch.views)
 
     def build():
         dims, bands, reduces, slots = plan(views, *tile)
-        return _Plan(dims, len(bands), len(reduces), to_device(bands, device),
-                     to_device(reduces, device),
-                     torch.empty(len(batch), NSCR.value, dtype=state, device=device),
-                     torch.empty(max(slots, 1) * tile[2], dtype=state, device=device))
+        return _LaunchPlan(dims, len(bands), len(reduces), to_device(bands, device),
+                           to_device(reduces, device),
+                           torch.empty(len(batch), NSCR.value, dtype=state, device=device),
+                           torch.empty(max(slots, 1) * tile[2], dtype=state, device=device))
 
     return _PLAN_CACHE.get((str(device), views, tile, state), build)
 
@@ -291,22 +291,22 @@ def rmda_partials_step_(
         return 0
     tile = tile or TILE
     device = batch.params[0].device
-    layout = _plan(batch, tile)
-    meta = cached_meta("coupled", batch, layout.dims, device)
+    launch_plan = _launch_plan(batch, tile)
+    meta = cached_meta("coupled", batch, launch_plan.dims, device)
     targets = _targets(batch, partials, "partials")
-    rmda_scalars_(meta, layout.scalars, len(batch), hyper, lr, grad_scale, found_inf)
-    if layout.n_bands == 0:
+    rmda_scalars_(meta, launch_plan.scalars, len(batch), hyper, lr, grad_scale, found_inf)
+    if launch_plan.n_bands == 0:
         return 1
     dtypes = kernel_dtypes(batch)
     del dtypes["P"]  # the partials never read W
-    _rmda_partials_kernel[(layout.n_bands,)](
-        meta, layout.bands, targets, layout.scalars, layout.partial, **dtypes,
+    _rmda_partials_kernel[(launch_plan.n_bands,)](
+        meta, launch_plan.bands, targets, launch_plan.scalars, launch_plan.partial, **dtypes,
         BLOCK_R=tile[0], BLOCK_L=tile[1], BLOCK_G=tile[2], num_warps=num_warps)
-    if layout.n_reduces == 0:
+    if launch_plan.n_reduces == 0:
         return 2
-    _rmda_partials_reduce_kernel[(layout.n_reduces,)](
-        meta, layout.reduces, targets, layout.scalars, layout.partial, F=dtypes["F"],
-        BLOCK_G=tile[2], num_warps=1)
+    _rmda_partials_reduce_kernel[(launch_plan.n_reduces,)](
+        meta, launch_plan.reduces, targets, launch_plan.scalars, launch_plan.partial,
+        F=dtypes["F"], BLOCK_G=tile[2], num_warps=1)
     return 3
 
 
@@ -322,15 +322,15 @@ def rmda_apply_step_(
         return 0
     tile = tile or TILE
     device = batch.params[0].device
-    layout = _plan(batch, tile)
+    launch_plan = _launch_plan(batch, tile)
     targets = _targets(batch, scales, "scales")
-    if layout.n_bands == 0:
+    if launch_plan.n_bands == 0:
         return 0
-    meta = cached_meta("coupled", batch, layout.dims, device)
+    meta = cached_meta("coupled", batch, launch_plan.dims, device)
     dtypes = kernel_dtypes(batch)
     del dtypes["G"]  # the apply never reads the gradient
-    _rmda_apply_kernel[(layout.n_bands,)](
-        meta, layout.bands, targets, hyper,
+    _rmda_apply_kernel[(launch_plan.n_bands,)](
+        meta, launch_plan.bands, targets, hyper,
         hyper if found_inf is None else found_inf,  # a pointer it never reads
         **dtypes, HAS_INF=found_inf is not None,
         RTNE=emulate_bf16_rtne(batch.params[0].dtype), BLOCK_R=tile[0], BLOCK_L=tile[1],
