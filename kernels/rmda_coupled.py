@@ -67,6 +67,13 @@ def _locate_band(bands, meta):
 
 
 @triton.jit
+def _band_groups(tensor_row, first_group):
+    """How many groups the band that starts at ``first_group`` holds (the last is short)."""
+    return tl.minimum(tl.load(tensor_row + COL_BAND_GROUPS),
+                      tl.load(tensor_row + COL_GROUPS) - first_group)
+
+
+@triton.jit
 def _band_layout(band, tensor_row, BLOCK_L: tl.constexpr):
     """(first group, layout) of the program's band; ``layout`` = (offset of the first group
     in an outer index, elements between outer indices, run length, band rows per outer
@@ -74,8 +81,7 @@ def _band_layout(band, tensor_row, BLOCK_L: tl.constexpr):
     first_group = tl.load(band + BAND_FIRST_GROUP)
     groups = tl.load(tensor_row + COL_GROUPS)
     inner = tl.load(tensor_row + COL_INNER)
-    n_groups = tl.minimum(tl.load(tensor_row + COL_BAND_GROUPS), groups - first_group)
-    run = n_groups * inner
+    run = _band_groups(tensor_row, first_group) * inner
     rows_per_outer = tl.maximum(tl.cdiv(run, BLOCK_L), 1)
     # inner == 0 (a tensor with an empty kernel dim) never divides by zero
     return first_group, (first_group * inner, groups * inner, run, rows_per_outer,
@@ -107,7 +113,7 @@ def _pre_prox(w0_ptr, v, offs, m, beta, F: tl.constexpr, FP64: tl.constexpr):
 
 @triton.jit
 def _rmda_partials_kernel(
-    meta, bands, targets, scratch, partial,
+    meta, bands, targets, scratch, chunk_sums,
     G: tl.constexpr, I: tl.constexpr, F: tl.constexpr, FP64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
@@ -136,19 +142,18 @@ def _rmda_partials_kernel(
     group_ids = tl.arange(0, BLOCK_G)
     in_group = (col_group[None, :] == group_ids[:, None]) & in_run[None, :]
     group_sumsq = tl.sum(tl.where(in_group, col_sumsq[None, :], 0.0), axis=1)
-    n_groups = tl.where(skip, 0, tl.minimum(tl.load(tensor_row + COL_BAND_GROUPS),
-                                            tl.load(tensor_row + COL_GROUPS) - first_group))
+    n_groups = tl.where(skip, 0, _band_groups(tensor_row, first_group))
     slot = tl.load(band + BAND_SLOT)
     if slot < 0:
         dest = tl.load(targets + tensor).to(tl.pointer_type(F)) + first_group
     else:
-        dest = partial + slot * BLOCK_G
+        dest = chunk_sums + slot * BLOCK_G
     tl.store(dest + group_ids, group_sumsq, mask=group_ids < n_groups)
 
 
 @triton.jit
 def _rmda_partials_reduce_kernel(
-    meta, reduces, targets, scratch, partial, F: tl.constexpr, BLOCK_G: tl.constexpr,
+    meta, reduces, targets, scratch, chunk_sums, F: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     row = reduces + tl.program_id(0).to(tl.int64) * RCOL
     tensor = tl.load(row + RED_TENSOR)
@@ -156,13 +161,12 @@ def _rmda_partials_reduce_kernel(
     first_slot = tl.load(row + RED_FIRST_SLOT)
     tensor_row = meta + tensor * NCOL
     skip = tl.load(scratch + tensor * NSCR + SCR_SKIP) != 0.0
-    n_groups = tl.where(skip, 0, tl.minimum(tl.load(tensor_row + COL_BAND_GROUPS),
-                                            tl.load(tensor_row + COL_GROUPS) - first_group))
+    n_groups = tl.where(skip, 0, _band_groups(tensor_row, first_group))
     group_ids = tl.arange(0, BLOCK_G)
     valid = group_ids < n_groups
     total = tl.zeros([BLOCK_G], F)
     for k in range(0, tl.load(row + RED_N_SLOTS)):  # slot order: the same sum every step
-        total += tl.load(partial + (first_slot + k) * BLOCK_G + group_ids, mask=valid,
+        total += tl.load(chunk_sums + (first_slot + k) * BLOCK_G + group_ids, mask=valid,
                          other=0.0)
     dest = tl.load(targets + tensor).to(tl.pointer_type(F)) + first_group
     tl.store(dest + group_ids, total, mask=valid)
@@ -208,7 +212,7 @@ class _LaunchPlan(NamedTuple):
     bands: torch.Tensor  # the band table, on the device
     reduces: torch.Tensor  # the reduce table, on the device
     scalars: torch.Tensor  # [n_tensors, NSCR]: what rmda_scalars_ writes
-    partial: torch.Tensor  # [slots, BLOCK_G]: the per-chunk sums of split bands
+    chunk_sums: torch.Tensor  # [slots, BLOCK_G]: the per-chunk sums of split bands
 
 
 def plan(views: Sequence[tuple[int, int, int]], block_r: int, block_l: int, block_g: int):
@@ -300,12 +304,12 @@ def rmda_partials_step_(
     dtypes = kernel_dtypes(batch)
     del dtypes["P"]  # the partials never read W
     _rmda_partials_kernel[(launch_plan.n_bands,)](
-        meta, launch_plan.bands, targets, launch_plan.scalars, launch_plan.partial, **dtypes,
-        BLOCK_R=tile[0], BLOCK_L=tile[1], BLOCK_G=tile[2], num_warps=num_warps)
+        meta, launch_plan.bands, targets, launch_plan.scalars, launch_plan.chunk_sums,
+        **dtypes, BLOCK_R=tile[0], BLOCK_L=tile[1], BLOCK_G=tile[2], num_warps=num_warps)
     if launch_plan.n_reduces == 0:
         return 2
     _rmda_partials_reduce_kernel[(launch_plan.n_reduces,)](
-        meta, launch_plan.reduces, targets, launch_plan.scalars, launch_plan.partial,
+        meta, launch_plan.reduces, targets, launch_plan.scalars, launch_plan.chunk_sums,
         F=dtypes["F"], BLOCK_G=tile[2], num_warps=1)
     return 3
 
