@@ -9,11 +9,13 @@ One kernel family per module, each with its Python wrapper beside it:
 The step wrappers take a :class:`rmda_fused.batch.StepBatch` of one bucket (one device, one
 dtype per list, see ``StepBatch.buckets``) and launch each kernel once for all of it.
 """
+from .rmda_coupled import rmda_apply_step_, rmda_partials_step_
 from .rmda_elementwise import rmda_elementwise_step_
 from .rmda_grouped import rmda_grouped_step_
 from .rmda_scalars import rmda_scalars_
 
-__all__ = ["rmda_elementwise_step_", "rmda_grouped_step_", "rmda_scalars_"]
+__all__ = ["rmda_elementwise_step_", "rmda_grouped_step_", "rmda_scalars_",
+           "rmda_partials_step_", "rmda_apply_step_"]
 
 
 def interpreted() -> bool:

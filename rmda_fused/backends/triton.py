@@ -79,3 +79,56 @@ def _launch(batch: StepBatch, options: StepOptions) -> int:
             launches += _kernels.rmda_grouped_step_(bucket, grouping=options.grouping,
                                                     **common)
     return launches
+
+
+def rmda_partials_(batch: StepBatch, options: StepOptions, partials: list[torch.Tensor]) -> int:
+    """Phase 1 of a coupled-group step (the contract of rmda_fused.coupled): t, A and V
+    advanced, and ``partials[i][k]`` = the sum of z^2 over input-channel group k of tensor
+    i. With found_inf nonzero nothing changes. Returns the number of kernel launches."""
+    return _on_device(batch, _partials_launches, options, partials)
+
+
+def rmda_apply_(batch: StepBatch, options: StepOptions, scales: list[torch.Tensor]) -> int:
+    """Phase 3 of a coupled-group step, after rmda_partials_ on the same batch: W <- (1 - c)
+    W + c (scales[i][k] z) over group k of tensor i. Returns the number of kernel launches."""
+    return _on_device(batch, _apply_launches, options, scales)
+
+
+def _on_device(batch: StepBatch, launch, options: StepOptions, per_tensor: list) -> int:
+    """``launch(batch, options, per_tensor)`` under the batch's device guard."""
+    if not len(batch):
+        return 0
+    if _kernels is None:
+        raise RuntimeError(unavailable_reason())
+    if len(per_tensor) != len(batch):
+        raise ValueError(f"{len(per_tensor)} per-tensor buffers for {len(batch)} parameters")
+    device = batch.params[0].device
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            return launch(batch, options, per_tensor)
+    return launch(batch, options, per_tensor)
+
+
+def _by_bucket(batch: StepBatch, per_tensor: list):
+    """(dtype bucket, its entries of ``per_tensor``) per bucket of ``batch``; a bucket holds
+    the batch's own parameter tensors, which locate its entries."""
+    position = {id(p): i for i, p in enumerate(batch.params)}
+    for _, bucket in batch.buckets():
+        yield bucket, (per_tensor if bucket is batch else
+                       [per_tensor[position[id(p)]] for p in bucket.params])
+
+
+def _partials_launches(batch: StepBatch, options: StepOptions, partials: list) -> int:
+    lr, lr_tensor = split_lr(options.lr, batch.params[0].device)
+    return sum(_kernels.rmda_partials_step_(
+        bucket, hyper=hyper_tensor(bucket, lr, options.momentum, options.lam), lr=lr_tensor,
+        grad_scale=options.grad_scale, found_inf=options.found_inf, partials=mine)
+        for bucket, mine in _by_bucket(batch, partials))
+
+
+def _apply_launches(batch: StepBatch, options: StepOptions, scales: list) -> int:
+    lr, _ = split_lr(options.lr, batch.params[0].device)  # the hyper tensor keeps its lr
+    return sum(_kernels.rmda_apply_step_(
+        bucket, hyper=hyper_tensor(bucket, lr, options.momentum, options.lam),
+        found_inf=options.found_inf, scales=mine)
+        for bucket, mine in _by_bucket(batch, scales))
