@@ -29,6 +29,12 @@
 //   * non-temporal prefetch of g in pass 1 (to keep V, W0 in L3 for pass 2): no gain.
 //   So a ResNet-50 step moves about 24 B/elem for biases/norms and ~32 B/elem for the conv
 //   weights with input_channel groups (output_channel and elementwise groups: 24 B/elem).
+// - the coupled-group phases (coupled_cpu.cpp) cut every tensor as the strided groups are
+//   (append_column_bands; a view with outer == 1 is a band of one row) and make one
+//   streaming pass each: rmda_partials_ is pass 1 (reads g, W0, V, writes V: 16 B), the
+//   group sums going to the partials instead of into a pass 2; rmda_apply_ is pass 2 (reads
+//   W0, V, W, writes W: 16 B) with column weights c * scale. 32 B/elem in all, as
+//   input_channel's two passes.
 // All timings in this file were measured on a 2-core AMD EPYC VM (1 MiB L2 per core, 8 MiB L3),
 // torch 2.14.1.
 // rmda_kernel.h comes first: it sets the ISA of ATen's vec headers (see cpu/vec_io.h).
@@ -172,6 +178,9 @@ void append_column_bands(std::vector<WorkItem>& items, std::vector<SplitBand>& b
 // into z weights and marks the band ready; the others meanwhile run their own small items;
 // then all claim pass-2 chunks. So both passes of a band stay close in time (pass 2 finds in
 // L3 what pass 1 left), and no thread waits on a chunk that nobody is running.
+// rmda_partials_ has no pass 2: the thread that finishes a band's last chunk writes its
+// partials and nobody waits. rmda_apply_'s pass 1 is one unit, filling the band's column
+// weights from the scales; then all share the pass-2 chunks.
 void run_items(const std::vector<TensorJob>& jobs, const std::vector<WorkItem>& items,
                std::vector<SplitBand>& bands, Phase phase) {
   if (items.empty() && bands.empty()) return;

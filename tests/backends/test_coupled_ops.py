@@ -150,7 +150,10 @@ def _run_step(backend, state, grads, dtype, lr=LR, grad_scale=None, check=True):
             torch.testing.assert_close(_f64(partials[i]), want, rtol=v_tol[0], atol=v_tol[1])
         scales.append(expected_scales(want, t, a, p.shape, LAM).to(partials[i]))
     weights = [p.clone() for p in state["params"]]
+    after_partials = _clone(state)
     backend.rmda_apply_(batch, options, scales)
+    for key in ("initials", "duals", "steps", "alphas"):  # apply writes W only
+        assert all(torch.equal(x, y) for x, y in zip(state[key], after_partials[key])), key
     for i, p in enumerate(state["params"]):
         want = expected_weight(_f64(weights[i]), _f64(state["initials"][i]), _f64(state["duals"][i]),
                                float(state["steps"][i]), _f64(scales[i]), MOMENTUM)
