@@ -157,12 +157,17 @@ void launch_table(const CoupledTable& table, const StepArgs& args, int mode,
   }
   const int64_t blocks = table.first_block[table.n];
   if (blocks == 0) return;
-  TORCH_CHECK(blocks <= INT_MAX, "rmda_fused coupled phases (CUDA): too many blocks in one launch");
+  TORCH_CHECK(blocks <= INT_MAX,
+              "rmda_fused coupled phases (CUDA): too many blocks in one launch");
   const unsigned grid = static_cast<unsigned>(blocks);
   switch (mode) {
     case kApplyChunks: apply_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(table, args); break;
-    case kPartialBands: partials_kernel<scalar_t, kPartialBands><<<grid, kThreads, 0, stream>>>(table, args); break;
-    default: partials_kernel<scalar_t, kPartialGroups><<<grid, kThreads, 0, stream>>>(table, args); break;
+    case kPartialBands:
+      partials_kernel<scalar_t, kPartialBands><<<grid, kThreads, 0, stream>>>(table, args);
+      break;
+    default:
+      partials_kernel<scalar_t, kPartialGroups><<<grid, kThreads, 0, stream>>>(table, args);
+      break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -183,9 +188,11 @@ void launch_coupled(bool partials_phase, at::TensorList params, at::TensorList g
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   std::map<std::pair<at::ScalarType, int>, std::vector<size_t>> buckets;
   for (size_t i = 0; i < params.size(); ++i) {
-    const int mode = !partials_phase                                           ? kApplyChunks
-        : band_groups(view_of(views, i), params[i].scalar_type()) > 0 ? kPartialBands
-                                                                      : kPartialGroups;
+    // a band of whole groups per block while one group fits the buffer
+    const int mode = !partials_phase ? kApplyChunks
+                     : band_groups(view_of(views, i), params[i].scalar_type()) > 0
+                         ? kPartialBands
+                         : kPartialGroups;
     buckets[{params[i].scalar_type(), mode}].push_back(i);
   }
   for (const auto& [key, members] : buckets) {

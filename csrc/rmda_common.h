@@ -1,7 +1,7 @@
 // Shared by the CPU and CUDA kernels of rmda_fused::rmda_step_, rmda_partials_, rmda_apply_
 // and nonfinite_ (see csrc/bindings.cpp for the schemas and docs/algorithm.md, "The update",
-// for the update). Only argument checks and the group-view decoding live here, so the two devices cannot disagree
-// about what a valid call is.
+// for the update). Only argument checks and the group-view decoding live here, so the two
+// devices cannot disagree about what a valid call is.
 #pragma once
 
 #include <ATen/ATen.h>

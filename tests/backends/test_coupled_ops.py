@@ -21,7 +21,8 @@ if cpu.unavailable_reason():
 DEVICES = [
     pytest.param("cpu"),
     pytest.param("cuda", marks=pytest.mark.skipif(
-        cuda.unavailable_reason() is not None, reason=f"cuda backend: {cuda.unavailable_reason()}")),
+        cuda.unavailable_reason() is not None,
+        reason=f"cuda backend: {cuda.unavailable_reason()}")),
 ]
 BACKENDS = {"cpu": cpu, "cuda": cuda}
 
@@ -62,10 +63,12 @@ def _make(specs, dtype, seed, device="cpu"):
 
 def _grads(state, seed, scale=1.0):
     gen = torch.Generator().manual_seed(seed)
-    return [(scale * torch.randn(p.shape, generator=gen, dtype=torch.float64)).to(p.dtype)
-            .to(p.device).contiguous(memory_format=torch.channels_last
-                                     if not p.is_contiguous() else torch.contiguous_format)
-            for p in state["params"]]
+    grads = []
+    for p in state["params"]:
+        g = torch.empty_like(p)  # in p's memory layout
+        g.copy_(scale * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+        grads.append(g)
+    return grads
 
 
 def _batch(state, grads):
@@ -144,7 +147,8 @@ def _run_step(backend, state, grads, dtype, lr=LR, grad_scale=None, check=True):
             float(before["steps"][i]), float(before["alphas"][i]), float(lr), scale_value)
         if check:
             assert float(state["steps"][i]) == t
-            torch.testing.assert_close(_f64(state["alphas"][i]), torch.tensor(a, dtype=torch.float64),
+            torch.testing.assert_close(_f64(state["alphas"][i]),
+                                       torch.tensor(a, dtype=torch.float64),
                                        rtol=v_tol[0], atol=v_tol[1])
             torch.testing.assert_close(_f64(state["duals"][i]), v, rtol=v_tol[0], atol=v_tol[1])
             torch.testing.assert_close(_f64(partials[i]), want, rtol=v_tol[0], atol=v_tol[1])
@@ -155,8 +159,9 @@ def _run_step(backend, state, grads, dtype, lr=LR, grad_scale=None, check=True):
     for key in ("initials", "duals", "steps", "alphas"):  # apply writes W only
         assert all(torch.equal(x, y) for x, y in zip(state[key], after_partials[key])), key
     for i, p in enumerate(state["params"]):
-        want = expected_weight(_f64(weights[i]), _f64(state["initials"][i]), _f64(state["duals"][i]),
-                               float(state["steps"][i]), _f64(scales[i]), MOMENTUM)
+        want = expected_weight(_f64(weights[i]), _f64(state["initials"][i]),
+                               _f64(state["duals"][i]), float(state["steps"][i]), _f64(scales[i]),
+                               MOMENTUM)
         if check:
             torch.testing.assert_close(_f64(p), want, rtol=w_tol[0], atol=w_tol[1])
     return partials, scales
