@@ -26,11 +26,9 @@ void rmda_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList i
                    const std::optional<at::Tensor>& found_inf) {
   check_step_args(params, grads, initials, duals, steps, alphas, zero_groups, views, lr_tensor,
                   grad_scale, found_inf, at::kCPU);
-  // On CPU reading these scalars costs nothing; found_inf stops the step before t moves.
-  if (found_inf && found_inf->item<double>() != 0.0) return;
-  if (lr_tensor) lr = lr_tensor->item<double>();
-  std::optional<double> scale;
-  if (grad_scale) scale = grad_scale->item<double>();
+  // found_inf stops the step before t moves
+  const cpu::HostScalars host = cpu::read_host_scalars(lr, lr_tensor, grad_scale, found_inf);
+  if (host.skip) return;
   const bool prox = !views.empty();
 
   std::vector<cpu::TensorJob> jobs;
@@ -43,15 +41,17 @@ void rmda_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList i
     const GroupView view = prox ? view_of(views, i) : GroupView{1, numel, 1};
     const int64_t group_size = prox ? view.group_size() : 1;
     const cpu::StepScalars scalars = param.scalar_type() == at::kDouble
-        ? cpu::advance_scalars<double>(steps[i], alphas[i], lr, scale, momentum, lam, group_size)
-        : cpu::advance_scalars<float>(steps[i], alphas[i], lr, scale, momentum, lam, group_size);
+        ? cpu::advance_scalars<double>(steps[i], alphas[i], host.lr, host.grad_scale, momentum,
+                                       lam, group_size)
+        : cpu::advance_scalars<float>(steps[i], alphas[i], host.lr, host.grad_scale, momentum,
+                                      lam, group_size);
     jobs.push_back(cpu::TensorJob{param.data_ptr(), duals[i].data_ptr(), grads[i].data_ptr(),
                                   initials[i].data_ptr(),
                                   prox ? zero_groups[i].data_ptr<bool>() : nullptr, view,
                                   scalars, param.scalar_type()});
     cpu::append_items(items, bands, static_cast<int32_t>(i), jobs.back(), prox, numel);
   }
-  cpu::run_items(jobs, items, bands, prox);
+  cpu::run_items(jobs, items, bands, prox ? cpu::Phase::kProxStep : cpu::Phase::kPlainStep);
 }
 
 }  // namespace

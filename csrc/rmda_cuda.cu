@@ -37,21 +37,13 @@
 #include <vector>
 
 #include "cuda/band_step.cuh"
+#include "cuda/step_args.cuh"
 #include "rmda_common.h"
 
 namespace rmda_fused {
 namespace {
 
-constexpr int64_t kChunk = kThreads * 16;
-// Kernel parameters may be 32 KiB since CUDA 12.1 (4 KiB before).
-#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
-constexpr int kMaxTensors = 128;
-#else
-constexpr int kMaxTensors = 36;
-#endif
-
 enum Mode : int { kPlain = 0, kSingle = 1, kGroups = 2, kBands = 3 };
-enum ScalarKind : int { kNone = 0, kF32 = 1, kF64 = 2 };
 
 struct TensorTable {
   void* w[kMaxTensors];
@@ -70,76 +62,17 @@ struct TensorTable {
   int n;
 };
 
-struct StepArgs {
-  const void* lr_ptr;
-  const void* grad_scale;
-  const void* found_inf;
-  double lr;
-  double momentum;
-  double lam;
-  int lr_kind, grad_scale_kind, found_inf_kind;
-};
-
-__device__ __forceinline__ double read_scalar(const void* p, int kind) {
-  return kind == kF64 ? *static_cast<const double*>(p) : double(*static_cast<const float*>(p));
-}
-
-__device__ __forceinline__ bool skip_step(const StepArgs& a) {
-  return a.found_inf_kind != kNone && read_scalar(a.found_inf, a.found_inf_kind) != 0.0;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t step_lr(const StepArgs& a) {
-  return a.lr_kind != kNone ? acc_t(read_scalar(a.lr_ptr, a.lr_kind)) : acc_t(a.lr);
-}
-
-// t <- t + 1, A <- A + lr*sqrt(t): one thread per tensor, before the element launch reads them.
-template <typename acc_t>
-__global__ void advance_scalars_kernel(TensorTable table, StepArgs args) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= table.n || skip_step(args)) return;
-  acc_t* t = static_cast<acc_t*>(table.step[i]);
-  acc_t* a = static_cast<acc_t*>(table.alpha[i]);
-  const acc_t nt = *t + acc_t(1);
-  *t = nt;
-  *a = *a + ::sqrt(nt) * step_lr<acc_t>(args);
-}
-
-// Sum over the block, returned to every thread. Called once per block.
-template <typename T>
-__device__ T block_sum(T x) {
-  __shared__ T partial[kThreads / 32];
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) partial[warp] = x;
-  __syncthreads();
-  x = lane < kThreads / 32 ? partial[lane] : T(0);
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
-
-// The 48 KiB band buffer allows 4 blocks per SM (Hopper: 228 KiB); holding registers to what
-// 4 blocks can have (64 per thread) keeps them from lowering that to 3.
-constexpr int kBlocksPerSM = 4;
 template <typename scalar_t, int kMode>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSM) rmda_elements_kernel(TensorTable table, StepArgs args) {
   using acc_t = at::opmath_type<scalar_t>;
   if (skip_step(args)) return;
-  const int64_t block = blockIdx.x;
-  int lo = 0, hi = table.n - 1;  // the last tensor whose first block is <= this block
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (table.first_block[mid] <= block) lo = mid; else hi = mid - 1;
-  }
-  const int i = lo;
-  const int64_t local = block - table.first_block[i];
+  const int i = tensor_of_block(table.first_block, table.n, blockIdx.x);
+  const int64_t local = blockIdx.x - table.first_block[i];
   const int64_t outer = table.outer[i], groups = table.groups[i], inner = table.inner[i];
 
   const acc_t t = *static_cast<const acc_t*>(table.step[i]);  // already advanced
   const acc_t beta = ::sqrt(t);
-  const acc_t s = beta * step_lr<acc_t>(args);
-  const acc_t grad_weight =
-      args.grad_scale_kind != kNone ? s / acc_t(read_scalar(args.grad_scale, args.grad_scale_kind)) : s;
+  const acc_t grad_weight = step_grad_weight<acc_t>(args, beta);
   const acc_t tau = (*static_cast<const acc_t*>(table.alpha[i]) / beta) * acc_t(args.lam);
   const acc_t thr = tau * acc_t(::sqrt(double(outer * inner)));
   const ElementStep<scalar_t, acc_t> op{
@@ -168,13 +101,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM) rmda_elements_kernel(T
     band_step(op, table.mask[i], outer, groups, inner, table.band[i], local);
   } else {
     const int64_t grp = local, size = outer * inner, row = groups * inner;
-    // entry e of the group lives at (e / inner) * row + grp * inner + e % inner
-    auto index = [&](int64_t e) {
-      if (outer == 1) return grp * inner + e;
-      if (inner == 1) return e * row + grp;
-      const int64_t o = e / inner;
-      return o * row + grp * inner + (e - o * inner);
-    };
+    auto index = [&](int64_t e) { return group_entry(grp, e, outer, inner, row); };
     acc_t sum_sq = 0;
     for (int64_t e = threadIdx.x; e < size; e += kThreads) {
       const acc_t z = op.dual_and_z(index(e));
@@ -186,20 +113,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM) rmda_elements_kernel(T
     const acc_t z_weight = keep ? op.c * ((n - thr) / n) : acc_t(0);
     for (int64_t e = threadIdx.x; e < size; e += kThreads) op.rewrite_weight(index(e), z_weight);
   }
-}
-
-int scalar_kind(const std::optional<at::Tensor>& t, const char* name) {
-  if (!t) return kNone;
-  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble,
-              "rmda_step_ (CUDA): ", name, " must be float32 or float64, got ", t->scalar_type());
-  return t->scalar_type() == at::kDouble ? kF64 : kF32;
-}
-
-// Groups per kBands block: as many as leave room in the buffer for their z, z_weight and
-// partial norms (band_step); 0 when not even one fits (then the tensor goes to kGroups).
-int64_t band_groups(const GroupView& v, at::ScalarType dtype) {
-  const int64_t capacity = kBandBytes / static_cast<int64_t>(c10::elementSize(state_dtype(dtype)));
-  return std::min(v.groups, (capacity - kThreads / 32) / (v.group_size() + 2));
 }
 
 template <typename scalar_t>
@@ -239,8 +152,9 @@ void rmda_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                 grad_scale ? grad_scale->data_ptr() : nullptr,
                 found_inf ? found_inf->data_ptr() : nullptr,
                 lr, momentum, lam,
-                scalar_kind(lr_tensor, "lr_tensor"), scalar_kind(grad_scale, "grad_scale"),
-                scalar_kind(found_inf, "found_inf")};
+                scalar_kind(lr_tensor, "rmda_step_", "lr_tensor"),
+                scalar_kind(grad_scale, "rmda_step_", "grad_scale"),
+                scalar_kind(found_inf, "rmda_step_", "found_inf")};
 
   std::map<std::pair<at::ScalarType, int>, std::vector<size_t>> buckets;
   for (size_t i = 0; i < params.size(); ++i) {

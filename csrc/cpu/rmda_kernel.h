@@ -1,7 +1,8 @@
 // The per-element algebra of the CPU step (docs/algorithm.md, "The update") and its passes
 // over one tensor: Kernel<scalar_t, acc_t> runs the WorkItems and SplitBands that the work
-// plan (work_plan.h) cuts, vectorized with at::vec, and advance_scalars moves a tensor's t and
-// A. Which pass runs where, and why, is explained at the top of work_plan.cpp.
+// plan (work_plan.h) cuts, vectorized with at::vec, for the fused step and for the two kernel
+// phases of a coupled-group step; advance_scalars moves a tensor's t and A. Which pass runs
+// where, and why, is explained at the top of work_plan.cpp.
 #pragma once
 
 #include "cpu/vec_io.h"  // first: it sets the ISA of the ATen vec headers
@@ -41,23 +42,25 @@ struct Kernel {
   const scalar_t* initial;
   acc_t* dual;
   bool* zero_mask;
+  acc_t* group_values;  // coupled phases: partials (written) or scales (read), one per group
   acc_t inv_beta, grad_weight, threshold, momentum, one_minus_momentum;
   GroupView view;
-  bool prox;
+  Phase phase;
 
-  Kernel(const TensorJob& job, bool with_prox)
+  Kernel(const TensorJob& job, Phase run_phase)
       : weight(static_cast<scalar_t*>(job.weight)),
         grad(static_cast<const scalar_t*>(job.grad)),
         initial(static_cast<const scalar_t*>(job.initial)),
         dual(static_cast<acc_t*>(job.dual)),
         zero_mask(job.zero_mask),
+        group_values(static_cast<acc_t*>(job.group_values)),
         inv_beta(job.scalars.inv_beta),
         grad_weight(job.scalars.grad_weight),
         threshold(job.scalars.threshold),
         momentum(job.scalars.momentum),
         one_minus_momentum(job.scalars.one_minus_momentum),
         view(job.view),
-        prox(with_prox) {}
+        phase(run_phase) {}
 
   // Pass 1 at index i: V <- V + s*g (stored), returns z = W0 - V/beta.
   acc_t dual_and_z(int64_t i) const {
@@ -207,14 +210,32 @@ struct Kernel {
           column_sums[j] += z * z;
         });
   }
+  // The sum of a group's `inner` column sums, in column order.
+  acc_t group_sum(const acc_t* group_columns) const {
+    acc_t sum_sq = 0;
+    for (int64_t k = 0; k < view.inner; ++k) sum_sq += group_columns[k];
+    return sum_sq;
+  }
   // Turns the column sums of z^2 of groups [first_group, last_group) into each column's
   // z weight, in place.
   void finish_groups(acc_t* columns, int64_t first_group, int64_t last_group) const {
     for (int64_t group = first_group; group < last_group; ++group) {
       acc_t* group_columns = columns + (group - first_group) * view.inner;
-      acc_t sum_sq = 0;
-      for (int64_t k = 0; k < view.inner; ++k) sum_sq += group_columns[k];
-      std::fill(group_columns, group_columns + view.inner, group_z_weight(sum_sq, group));
+      std::fill(group_columns, group_columns + view.inner,
+                group_z_weight(group_sum(group_columns), group));
+    }
+  }
+  // rmda_partials_: each group's sum of z^2 from its column sums, into group_values.
+  void store_partials(const acc_t* columns, int64_t first_group, int64_t last_group) const {
+    for (int64_t group = first_group; group < last_group; ++group) {
+      group_values[group] = group_sum(columns + (group - first_group) * view.inner);
+    }
+  }
+  // rmda_apply_: each column's z weight, c times its group's scale (group_values).
+  void scale_columns(acc_t* columns, int64_t first_group, int64_t last_group) const {
+    for (int64_t group = first_group; group < last_group; ++group) {
+      acc_t* group_columns = columns + (group - first_group) * view.inner;
+      std::fill(group_columns, group_columns + view.inner, momentum * group_values[group]);
     }
   }
   // Forwards over rows: walking them backwards, to start pass 2 on the rows pass 1 left in
@@ -248,14 +269,23 @@ struct Kernel {
     }
   }
 
-  // A band of whole groups [first_group, last_group) of a strided tensor, both passes over
-  // all rows.
-  void strided_groups(int64_t first_group, int64_t last_group) const {
+  // A band of whole groups [first_group, last_group) of a strided tensor over all rows, in
+  // one thread: the passes of `phase` (the coupled phases treat every tensor so, contiguous
+  // groups included: a band of one row).
+  void whole_band(int64_t first_group, int64_t last_group) const {
     const int64_t first_column = first_group * view.inner;
     const int64_t width = (last_group - first_group) * view.inner;
-    std::vector<acc_t> columns(width, acc_t(0));  // sum of z^2 per column, then z weight
-    accumulate_rows(columns.data(), first_column, width, 0, view.outer);
-    finish_groups(columns.data(), first_group, last_group);
+    std::vector<acc_t> columns(width, acc_t(0));  // sum of z^2 per column, or z weight
+    if (phase == Phase::kApply) {
+      scale_columns(columns.data(), first_group, last_group);
+    } else {
+      accumulate_rows(columns.data(), first_column, width, 0, view.outer);
+      if (phase == Phase::kPartials) {
+        store_partials(columns.data(), first_group, last_group);
+        return;
+      }
+      finish_groups(columns.data(), first_group, last_group);
+    }
     write_rows(columns.data(), first_column, width, 0, view.outer);
   }
 
@@ -269,8 +299,8 @@ struct Kernel {
                     std::min(view.outer, (chunk + 1) * band.rows_per_chunk));
   }
   // Sums a split band's chunk partials in chunk order (so the result does not depend on the
-  // thread count) into the first chunk's buffer, then turns them into z weights.
-  void reduce_band(const SplitBand& band) const {
+  // thread count) into the first chunk's buffer.
+  void sum_chunks(const SplitBand& band) const {
     const int64_t width = (band.last_group - band.first_group) * view.inner;
     acc_t* column_sums = static_cast<acc_t*>(band.column_sums);
     for (int64_t chunk = 1; chunk < band.chunks; ++chunk) {
@@ -284,7 +314,6 @@ struct Kernel {
       }
       for (; j < width; ++j) column_sums[j] += partial[j];
     }
-    finish_groups(column_sums, band.first_group, band.last_group);
   }
   void chunk_pass2(const SplitBand& band, int64_t chunk) const {
     write_rows(static_cast<const acc_t*>(band.column_sums), band.first_group * view.inner,
@@ -292,21 +321,46 @@ struct Kernel {
                std::min(view.outer, (chunk + 1) * band.rows_per_chunk));
   }
 
+  // A split band in the run of `phase`: its pass-1 units (row chunks; for rmda_apply_ one,
+  // the column weights), what the last unit to finish does, and whether pass 2 follows.
+  int64_t pass1_units(const SplitBand& band) const {
+    return phase == Phase::kApply ? 1 : band.chunks;
+  }
+  void band_pass1(const SplitBand& band, int64_t unit) const {
+    if (phase == Phase::kApply) {
+      scale_columns(static_cast<acc_t*>(band.column_sums), band.first_group, band.last_group);
+    } else {
+      chunk_pass1(band, unit);
+    }
+  }
+  void finish_band(const SplitBand& band) const {
+    if (phase == Phase::kApply) return;
+    sum_chunks(band);
+    acc_t* column_sums = static_cast<acc_t*>(band.column_sums);
+    if (phase == Phase::kPartials) {
+      store_partials(column_sums, band.first_group, band.last_group);
+    } else {
+      finish_groups(column_sums, band.first_group, band.last_group);
+    }
+  }
+  bool has_pass2() const { return phase != Phase::kPartials; }
+
   void run(const WorkItem& item) const {
-    if (!prox) {
+    if (phase == Phase::kPlainStep) {
       plain(item.begin, item.end);
+    } else if (phase != Phase::kProxStep || view.outer != 1) {
+      whole_band(item.begin, item.end);
     } else if (view.group_size() == 1) {
       elementwise(item.begin, item.end);
-    } else if (view.outer == 1) {
-      contiguous_groups(item.begin, item.end, view.inner);
     } else {
-      strided_groups(item.begin, item.end);
+      contiguous_groups(item.begin, item.end, view.inner);
     }
   }
 };
 
 // t <- t + 1, A <- A + s (s = lr * sqrt(t)), then the scalars of this step's elements, in
-// acc_t as the reference backend computes them.
+// acc_t as the reference backend computes them. (rmda_partials_ uses inv_beta and
+// grad_weight only.)
 template <typename acc_t>
 StepScalars advance_scalars(const at::Tensor& step, const at::Tensor& alpha, double lr,
                             const std::optional<double>& grad_scale, double momentum, double lam,
@@ -326,6 +380,31 @@ StepScalars advance_scalars(const at::Tensor& step, const at::Tensor& alpha, dou
   // the reference's V / beta); at ~40 GB/s per core the divide is not free.
   return StepScalars{acc_t(1) / beta, grad_weight, threshold, static_cast<acc_t>(momentum),
                      static_cast<acc_t>(1.0 - momentum)};
+}
+
+// The scalars of rmda_apply_'s pass: beta from the t that rmda_partials_ advanced (so z is
+// the same bits in both phases); it moves no state, reads no gradient and has no threshold
+// (the scales carry the prox).
+template <typename acc_t>
+StepScalars apply_scalars(const at::Tensor& step, double momentum) {
+  const acc_t beta = std::sqrt(*step.data_ptr<acc_t>());
+  return StepScalars{acc_t(1) / beta, 0.0, 0.0, static_cast<acc_t>(momentum),
+                     static_cast<acc_t>(1.0 - momentum)};
+}
+
+// What a CPU op reads of its scalar arguments (reading them on CPU costs nothing).
+struct HostScalars {
+  bool skip;  // found_inf is nonzero: the op changes nothing, not even t
+  double lr;
+  std::optional<double> grad_scale;
+};
+inline HostScalars read_host_scalars(double lr, const std::optional<at::Tensor>& lr_tensor,
+                                     const std::optional<at::Tensor>& grad_scale,
+                                     const std::optional<at::Tensor>& found_inf) {
+  HostScalars host{found_inf && found_inf->item<double>() != 0.0, lr, std::nullopt};
+  if (lr_tensor) host.lr = lr_tensor->item<double>();
+  if (grad_scale) host.grad_scale = grad_scale->item<double>();
+  return host;
 }
 
 }  // namespace rmda_fused::cpu

@@ -1,5 +1,6 @@
-// What one CPU step is made of: a TensorJob per parameter tensor (built by rmda_cpu.cpp),
-// cut into work units by the work plan (work_plan.h) and run by the kernel (rmda_kernel.h).
+// What one CPU step is made of: a TensorJob per parameter tensor (built by rmda_cpu.cpp, or
+// coupled_cpu.cpp for the two kernel phases of a coupled-group step), cut into work units by
+// the work plan (work_plan.h) and run by the kernel (rmda_kernel.h).
 // Plain data with type-erased pointers, so that one plan can mix every parameter dtype.
 #pragma once
 
@@ -10,6 +11,11 @@
 #include "rmda_common.h"
 
 namespace rmda_fused::cpu {
+
+// What a run of the work plan computes: the fused step (grouping 'none', or with the prox),
+// or one kernel phase of a coupled-group step (bindings.cpp): each group's sum of z^2
+// (rmda_partials_), or W from z and a given scale per group (rmda_apply_).
+enum class Phase { kPlainStep, kProxStep, kPartials, kApply };
 
 // The scalars of one tensor's step, computed in the state dtype as the reference backend
 // does and stored as double (exact for fp32 and fp64).
@@ -29,10 +35,12 @@ struct TensorJob {
   void* dual;
   const void* grad;
   const void* initial;
-  bool* zero_mask;  // one entry per group; nullptr for grouping 'none'
+  bool* zero_mask;  // one entry per group; nullptr for grouping 'none' and the coupled phases
   GroupView view;
   StepScalars scalars;
   at::ScalarType dtype;
+  // coupled phases: one state-dtype entry per group, the partials written or the scales read
+  void* group_values = nullptr;
 };
 
 // A unit of work for one thread: elements [begin, end) of a tensor for the single-pass

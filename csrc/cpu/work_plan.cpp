@@ -29,6 +29,12 @@
 //   * non-temporal prefetch of g in pass 1 (to keep V, W0 in L3 for pass 2): no gain.
 //   So a ResNet-50 step moves about 24 B/elem for biases/norms and ~32 B/elem for the conv
 //   weights with input_channel groups (output_channel and elementwise groups: 24 B/elem).
+// - the coupled-group phases (coupled_cpu.cpp) cut every tensor as the strided groups are
+//   (append_column_bands; a view with outer == 1 is a band of one row) and make one
+//   streaming pass each: rmda_partials_ is pass 1 (reads g, W0, V, writes V: 16 B), the
+//   group sums going to the partials instead of into a pass 2; rmda_apply_ is pass 2 (reads
+//   W0, V, W, writes W: 16 B) with column weights c * scale. 32 B/elem in all, as
+//   input_channel's two passes.
 // All timings in this file were measured on a 2-core AMD EPYC VM (1 MiB L2 per core, 8 MiB L3),
 // torch 2.14.1.
 // rmda_kernel.h comes first: it sets the ISA of ATen's vec headers (see cpu/vec_io.h).
@@ -70,13 +76,13 @@ struct alignas(64) BandSync {
 };
 
 template <typename F>
-void with_kernel(const TensorJob& job, bool prox, const F& f) {
+void with_kernel(const TensorJob& job, Phase phase, const F& f) {
   switch (job.dtype) {
-    case at::kFloat: f(Kernel<float, float>(job, prox)); break;
-    case at::kDouble: f(Kernel<double, double>(job, prox)); break;
-    case at::kBFloat16: f(Kernel<at::BFloat16, float>(job, prox)); break;
-    case at::kHalf: f(Kernel<at::Half, float>(job, prox)); break;
-    default: TORCH_CHECK(false, "rmda_step_: unsupported parameter dtype ", job.dtype);
+    case at::kFloat: f(Kernel<float, float>(job, phase)); break;
+    case at::kDouble: f(Kernel<double, double>(job, phase)); break;
+    case at::kBFloat16: f(Kernel<at::BFloat16, float>(job, phase)); break;
+    case at::kHalf: f(Kernel<at::Half, float>(job, phase)); break;
+    default: TORCH_CHECK(false, "rmda_fused: unsupported parameter dtype ", job.dtype);
   }
 }
 
@@ -134,24 +140,33 @@ void append_items(std::vector<WorkItem>& items, std::vector<SplitBand>& bands,
     }
     return;
   }
+  if (job.view.outer != 1) {
+    append_column_bands(items, bands, job_index, job.view);
+    return;
+  }
   const int64_t group_size = std::max<int64_t>(job.view.group_size(), 1);
-  const bool strided = job.view.outer != 1;
-  const int64_t groups_per_item = strided
-      ? std::max<int64_t>(1, kMaxBandElems / std::max<int64_t>(job.view.inner, 1))
-      : std::max<int64_t>(1, kChunkElems / group_size);
+  const int64_t groups_per_item = std::max<int64_t>(1, kChunkElems / group_size);
   for (int64_t first = 0; first < job.view.groups; first += groups_per_item) {
     const int64_t last = std::min(job.view.groups, first + groups_per_item);
-    const int64_t elements = std::max<int64_t>(1, (last - first) * group_size);
-    if (strided) {
-      const int64_t width = std::max<int64_t>(1, (last - first) * job.view.inner);
-      const int64_t rows_per_chunk = std::max<int64_t>(1, kRowChunkElems / width);
-      const int64_t chunks = (job.view.outer + rows_per_chunk - 1) / rows_per_chunk;
-      if (chunks > 1) {
-        bands.push_back({job_index, first, last, rows_per_chunk, chunks, nullptr});
-        continue;
-      }
+    items.push_back({job_index, first, last, (last - first) * group_size});
+  }
+}
+
+void append_column_bands(std::vector<WorkItem>& items, std::vector<SplitBand>& bands,
+                         int32_t job_index, const GroupView& view) {
+  const int64_t groups_per_band =
+      std::max<int64_t>(1, kMaxBandElems / std::max<int64_t>(view.inner, 1));
+  for (int64_t first = 0; first < view.groups; first += groups_per_band) {
+    const int64_t last = std::min(view.groups, first + groups_per_band);
+    const int64_t width = std::max<int64_t>(1, (last - first) * view.inner);
+    const int64_t rows_per_chunk = std::max<int64_t>(1, kRowChunkElems / width);
+    const int64_t chunks = (view.outer + rows_per_chunk - 1) / rows_per_chunk;
+    if (chunks > 1) {
+      bands.push_back({job_index, first, last, rows_per_chunk, chunks, nullptr});
+    } else {
+      items.push_back({job_index, first, last,
+                       strided_cost(std::max<int64_t>(1, (last - first) * view.group_size()))});
     }
-    items.push_back({job_index, first, last, strided ? strided_cost(elements) : elements});
   }
 }
 
@@ -163,8 +178,11 @@ void append_items(std::vector<WorkItem>& items, std::vector<SplitBand>& bands,
 // into z weights and marks the band ready; the others meanwhile run their own small items;
 // then all claim pass-2 chunks. So both passes of a band stay close in time (pass 2 finds in
 // L3 what pass 1 left), and no thread waits on a chunk that nobody is running.
+// rmda_partials_ has no pass 2: the thread that finishes a band's last chunk writes its
+// partials and nobody waits. rmda_apply_'s pass 1 is one unit, filling the band's column
+// weights from the scales; then all share the pass-2 chunks.
 void run_items(const std::vector<TensorJob>& jobs, const std::vector<WorkItem>& items,
-               std::vector<SplitBand>& bands, bool prox) {
+               std::vector<SplitBand>& bands, Phase phase) {
   if (items.empty() && bands.empty()) return;
   int64_t total_cost = 0;
   for (const auto& item : items) total_cost += item.cost;
@@ -186,23 +204,23 @@ void run_items(const std::vector<TensorJob>& jobs, const std::vector<WorkItem>& 
     }
     size_t next_item = 0;
     auto run_item = [&](size_t index) {
-      with_kernel(jobs[items[index].job], prox,
+      with_kernel(jobs[items[index].job], phase,
                   [&](const auto& kernel) { kernel.run(items[index]); });
     };
     for (size_t b = 0; b < bands.size(); ++b) {
       const SplitBand& band = bands[b];
       BandSync& sync = band_sync[b];
-      with_kernel(jobs[band.job], prox, [&](const auto& kernel) {
-        for (int64_t chunk;
-             (chunk = sync.next_pass1_chunk.fetch_add(1, std::memory_order_relaxed)) <
-             band.chunks;) {
-          kernel.chunk_pass1(band, chunk);
-          if (sync.pass1_chunks_done.fetch_add(1, std::memory_order_acq_rel) ==
-              band.chunks - 1) {
-            kernel.reduce_band(band);
+      with_kernel(jobs[band.job], phase, [&](const auto& kernel) {
+        const int64_t units = kernel.pass1_units(band);
+        for (int64_t unit;
+             (unit = sync.next_pass1_chunk.fetch_add(1, std::memory_order_relaxed)) < units;) {
+          kernel.band_pass1(band, unit);
+          if (sync.pass1_chunks_done.fetch_add(1, std::memory_order_acq_rel) == units - 1) {
+            kernel.finish_band(band);
             sync.weights_ready.store(true, std::memory_order_release);
           }
         }
+        if (!kernel.has_pass2()) return;  // rmda_partials_: the band is done
         // every chunk is claimed by a running thread: wait for them, doing own work meanwhile
         while (!sync.weights_ready.load(std::memory_order_acquire)) {
           if (next_item < mine.size()) {

@@ -1,5 +1,6 @@
 // The element arithmetic of the CUDA RMDA step and the banded walk of kBands
-// (rmda_cuda.cu): how a block reads, updates and writes one band of channel groups.
+// (rmda_cuda.cu): how a block reads, updates and writes one band of channel groups. The
+// coupled-group partials (coupled_cuda.cu) run the same pass 1 and group sums.
 #pragma once
 
 #include <cstdint>
@@ -42,9 +43,13 @@ struct ElementStep {
                                                acc_t z_weight) const {
     w[i] = static_cast<scalar_t>(w_old * one_minus_c + z_weight * z);
   }
-  // pass 2 of a group: z from the V stored in pass 1
+  // z from the V stored in pass 1
+  __device__ __forceinline__ acc_t stored_z(int64_t i) const {
+    return static_cast<acc_t>(w0[i]) - v[i] / beta;
+  }
+  // pass 2 of a group
   __device__ __forceinline__ void rewrite_weight(int64_t i, acc_t z_weight) const {
-    write_weight(i, old_weight(i), static_cast<acc_t>(w0[i]) - v[i] / beta, z_weight);
+    write_weight(i, old_weight(i), stored_z(i), z_weight);
   }
 };
 
@@ -124,41 +129,49 @@ __device__ __forceinline__ void walk(int64_t first, int64_t count, int64_t strid
 }
 
 // kBands: the block owns groups [g0, g0 + nb), i.e. `outer` runs of span = nb * inner elements,
-// run o starting at o * groups * inner + g0 * inner. The buffer holds z of every element of
-// the band (band index j = o * span + c), then one z_weight per group and at most
-// band + kThreads / 32 partial norms; the host picks band * (outer * inner + 2) + kThreads / 32
+// run o starting at o * row + g0 * inner (row = groups * inner). The buffer holds z of every
+// element of the band (band index j = o * span + c), then one z_weight per group and at most
+// nb + kThreads / 32 partial norms; the host picks band * (outer * inner + 2) + kThreads / 32
 // <= its capacity.
+struct Band {
+  int64_t g0, nb, span, count, row;
+  __device__ Band(int64_t outer, int64_t groups, int64_t inner, int64_t band, int64_t local)
+      : g0(local * band),
+        nb(groups - g0 < band ? groups - g0 : band),
+        span(nb * inner),
+        count(outer * span),
+        row(groups * inner) {}
+};
+
+// Pass 1 of a band: V updated, z of every band element kept at buf[0, count), then each
+// group's sum of z^2 in `slices` partial sums at buf + count + nb (after the z_weight slots);
+// returns slices. Group norms: nb groups x S slices over the warps, S > 1 when there are
+// fewer groups than warps (no warp idles while another sums a large group alone). Each
+// (group, slice) sum gets its own slot, and band_group_sum adds a group's slots in order, so
+// every run gives the same bits. Entry (o, k) of local group gl is z[o * span + gl * inner + k].
 template <typename scalar_t, typename acc_t>
-__device__ void band_step(const ElementStep<scalar_t, acc_t>& op, bool* mask, int64_t outer,
-                          int64_t groups, int64_t inner, int64_t band, int64_t local) {
-  __shared__ acc_t buf[kBandBytes / sizeof(acc_t)];
-  const int64_t g0 = local * band;
-  const int64_t nb = groups - g0 < band ? groups - g0 : band;
-  const int64_t span = nb * inner, count = outer * span, row = groups * inner;
+__device__ int band_pass1(const ElementStep<scalar_t, acc_t>& op, acc_t* buf, const Band& b,
+                          int64_t outer, int64_t inner) {
   acc_t* const z = buf;
-  acc_t* const z_weight = buf + count;
   // j runs fastest along a run, so consecutive threads touch consecutive addresses
-  if (count > 0) {
-    walk_band(threadIdx.x, static_cast<int>(count), static_cast<int>(span), row, g0 * inner,
+  if (b.count > 0) {
+    walk_band(threadIdx.x, static_cast<int>(b.count), static_cast<int>(b.span), b.row,
+              b.g0 * inner,
               [&](int64_t addr) { return op.load(addr); },
               [&](int j, int64_t addr, int, const auto& x) { z[j] = op.dual_and_z(addr, x); });
   }
   __syncthreads();
-  // Group norms: nb groups x S slices over the warps, S > 1 when there are fewer groups than
-  // warps (no warp idles while another sums a large group alone). Each (group, slice) sum
-  // gets its own slot after z_weight, and a group's slots are added in order, so every run
-  // gives the same bits. Entry (o, k) of local group gl is z[o * span + gl * inner + k].
   constexpr int kWarps = kThreads / 32;
-  const int slices = nb >= kWarps ? 1 : kWarps / static_cast<int>(nb);
+  const int slices = b.nb >= kWarps ? 1 : kWarps / static_cast<int>(b.nb);
   const int64_t size = outer * inner, per_slice = (size + slices - 1) / slices;
-  acc_t* const partial = z_weight + nb;  // nb * slices <= nb + kWarps slots
+  acc_t* const partial = buf + b.count + b.nb;  // nb * slices <= nb + kWarps slots
   const int lane = threadIdx.x & 31;
-  for (int64_t task = threadIdx.x >> 5; task < nb * slices; task += kWarps) {
+  for (int64_t task = threadIdx.x >> 5; task < b.nb * slices; task += kWarps) {
     const int64_t gl = task / slices, first = (task % slices) * per_slice;
     const int64_t last = first + per_slice < size ? first + per_slice : size;
     acc_t sum_sq = 0;
     walk(first + lane, last, 32, inner, [&](int64_t, int64_t o, int64_t k) {
-      const acc_t x = z[o * span + gl * inner + k];
+      const acc_t x = z[o * b.span + gl * inner + k];
       sum_sq += x * x;
     });
     for (int offset = 16; offset > 0; offset >>= 1) {
@@ -167,20 +180,42 @@ __device__ void band_step(const ElementStep<scalar_t, acc_t>& op, bool* mask, in
     if (lane == 0) partial[task] = sum_sq;
   }
   __syncthreads();
-  for (int64_t gl = threadIdx.x; gl < nb; gl += kThreads) {
-    acc_t sum_sq = 0;
-    for (int s = 0; s < slices; ++s) sum_sq += partial[gl * slices + s];
-    const acc_t n = ::sqrt(sum_sq);
-    mask[g0 + gl] = n <= op.thr;  // NaN: not zero
+  return slices;
+}
+
+// The sum of z^2 of local group gl after band_pass1: its slices, added in order.
+template <typename acc_t>
+__device__ __forceinline__ acc_t band_group_sum(const acc_t* buf, const Band& b, int slices,
+                                                int64_t gl) {
+  const acc_t* const partial = buf + b.count + b.nb;
+  acc_t sum_sq = 0;
+  for (int s = 0; s < slices; ++s) sum_sq += partial[gl * slices + s];
+  return sum_sq;
+}
+
+// The fused step of one band: pass 1, the group norms and zero mask, then pass 2 writes W
+// from the z kept in the buffer.
+template <typename scalar_t, typename acc_t>
+__device__ void band_step(const ElementStep<scalar_t, acc_t>& op, bool* mask, int64_t outer,
+                          int64_t groups, int64_t inner, int64_t band, int64_t local) {
+  __shared__ acc_t buf[kBandBytes / sizeof(acc_t)];
+  const Band b(outer, groups, inner, band, local);
+  const int slices = band_pass1(op, buf, b, outer, inner);
+  acc_t* const z = buf;
+  acc_t* const z_weight = buf + b.count;
+  for (int64_t gl = threadIdx.x; gl < b.nb; gl += kThreads) {
+    const acc_t n = ::sqrt(band_group_sum(buf, b, slices, gl));
+    mask[b.g0 + gl] = n <= op.thr;  // NaN: not zero
     z_weight[gl] = n > op.thr ? op.c * ((n - op.thr) / n) : acc_t(0);
   }
   __syncthreads();
-  if (count > 0) {
+  if (b.count > 0) {
     // the group of run position c is c / inner; in float, (c + 0.5) / inner is within
     // c * 2^-23 / inner of its true value, far from the next integer for c < 2^22, so the
     // truncation is exact and no integer division is paid per element
     const float inv_inner = 1.0f / static_cast<float>(inner);
-    walk_band(threadIdx.x, static_cast<int>(count), static_cast<int>(span), row, g0 * inner,
+    walk_band(threadIdx.x, static_cast<int>(b.count), static_cast<int>(b.span), b.row,
+              b.g0 * inner,
               [&](int64_t addr) { return op.old_weight(addr); },
               [&](int j, int64_t addr, int c, acc_t w_old) {
                 const int gl = static_cast<int>((static_cast<float>(c) + 0.5f) * inv_inner);

@@ -1,6 +1,7 @@
-"""What the cpu and cuda backends share: a step batch packed into ``rmda_fused::rmda_step_``
-(schema in csrc/bindings.cpp). The functional core hands over validated batches of dense
-tensors with their memory-order group views."""
+"""What the cpu and cuda backends share: a step batch packed into ``rmda_fused::rmda_step_``,
+or into the two kernel phases of a coupled-group step, ``rmda_fused::rmda_partials_`` and
+``rmda_fused::rmda_apply_`` (schemas in csrc/bindings.cpp). The functional core hands over
+validated batches of dense tensors with their memory-order group views."""
 from __future__ import annotations
 
 import torch
@@ -27,4 +28,25 @@ def rmda_step_(batch: StepBatch, options: StepOptions) -> None:
         list(batch.zero_masks) if prox else [], batch.flat_views, lr_value,
         float(options.momentum), float(options.lam) if prox else 0.0,
         lr_tensor=lr_tensor, grad_scale=options.grad_scale, found_inf=options.found_inf,
+    )
+
+
+def rmda_partials_(batch: StepBatch, options: StepOptions, partials: list[torch.Tensor]) -> None:
+    """Advances t, A and V of every tensor and writes each input_channel group's sum of z^2
+    into ``partials`` (one state-dtype entry per group); nothing moves when found_inf is
+    nonzero."""
+    lr_value, lr_tensor = split_lr(options.lr, batch.params[0].device)
+    torch.ops.rmda_fused.rmda_partials_(
+        batch.params, batch.grads, batch.initials, batch.duals, batch.steps, batch.alphas,
+        partials, batch.flat_views, lr_value,
+        lr_tensor=lr_tensor, grad_scale=options.grad_scale, found_inf=options.found_inf,
+    )
+
+
+def rmda_apply_(batch: StepBatch, options: StepOptions, scales: list[torch.Tensor]) -> None:
+    """W <- (1 - c) W + c * scales[i][k] * z over group k of tensor i, with t as
+    rmda_partials_ left it; nothing moves when found_inf is nonzero."""
+    torch.ops.rmda_fused.rmda_apply_(
+        batch.params, batch.initials, batch.duals, batch.steps, scales, batch.flat_views,
+        float(options.momentum), found_inf=options.found_inf,
     )

@@ -1,4 +1,5 @@
-"""C++ CPU backend: the fused, multi-tensor RMDA step of csrc/rmda_cpu.cpp.
+"""C++ CPU backend: the fused, multi-tensor RMDA step of csrc/rmda_cpu.cpp,
+and the two kernel phases of a coupled-group step (csrc/coupled_cpu.cpp).
 
 Group norms and the zero mask come from the same kernel as the update; threads share tiles
 of all tensors at once. Memory traffic per grouping: docs/algorithm.md, "Memory traffic".
@@ -8,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from . import _cpp_common
-from ._cpp_common import rmda_step_  # noqa: F401  (the module contract of functional.py)
+# the module contract of functional.py and of the coupled step (rmda_fused/coupled.py)
+from ._cpp_common import rmda_apply_, rmda_partials_, rmda_step_  # noqa: F401
 
 
 def unavailable_reason() -> str | None:

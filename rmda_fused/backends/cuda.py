@@ -1,4 +1,5 @@
-"""CUDA backend: the fused, multi-tensor RMDA step of csrc/rmda_cuda.cu.
+"""CUDA backend: the fused, multi-tensor RMDA step of csrc/rmda_cuda.cu,
+and the two kernel phases of a coupled-group step (csrc/coupled_cuda.cu).
 
 Launches per step: per chunk of up to ``kMaxTensors`` (128) tensors of one dtype, one for
 the t/A update and one for the elements; no host synchronisation (lr, grad_scale and
@@ -10,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from . import _cpp_common
-from ._cpp_common import rmda_step_  # noqa: F401  (the module contract of functional.py)
+# the module contract of functional.py and of the coupled step (rmda_fused/coupled.py)
+from ._cpp_common import rmda_apply_, rmda_partials_, rmda_step_  # noqa: F401
 
 
 def unavailable_reason() -> str | None:
