@@ -157,6 +157,24 @@ def cached_meta(kind: Hashable, batch: StepBatch, dims: Sequence[tuple[int, ...]
     return _META_CACHE.get(key, lambda: meta_table(batch, dims, device))
 
 
+def cached_meta_and_counters(kind: Hashable, batch: StepBatch,
+                             dims: Sequence[tuple[int, ...]], device: torch.device):
+    """:func:`cached_meta` and, cached with it, one zeroed int32 arrival counter per tensor
+    (rmda_scalars.tensor_step_scalars). A kernel leaves its counters at 0 again, and one
+    parameter list never shares counters with another (the key holds its pointers)."""
+    key = ("counted", kind, str(device), tuple(dims), tuple(_pointer_columns(batch)))
+    return _META_CACHE.get(key, lambda: (
+        meta_table(batch, dims, device),
+        torch.zeros(max(len(batch), 1), dtype=torch.int32, device=device)))
+
+
+def pointers_aligned(batch: StepBatch, alignment: int = 16) -> bool:
+    """Whether every element array of the batch (W, g, W0, V) starts on ``alignment`` bytes."""
+    return all(t.data_ptr() % alignment == 0
+               for arrays in (batch.params, batch.grads, batch.initials, batch.duals)
+               for t in arrays)
+
+
 class Hyper:
     """lr, c, 1-c, lam in one small fp64 device tensor, rewritten only when they change.
 
