@@ -32,6 +32,10 @@ NSCR = tl.constexpr(4)
 # the hyper tensor (fp64 on the device): lr, c, 1 - c, lam
 HYP_LR, HYP_C, HYP_ONE_MINUS_C, HYP_LAM = map(tl.constexpr, range(4))
 
+# ALIGNED kernels promise the compiler runs of VECTOR elements that start on a multiple of
+# VECTOR elements of arrays on 16 bytes: 128-bit accesses for fp32, 64-bit for bf16
+VECTOR = tl.constexpr(4)
+
 TORCH_TO_TL = {
     torch.float32: tl.float32,
     torch.float64: tl.float64,
@@ -51,6 +55,31 @@ def div_exact(a, b, FP64: tl.constexpr):
 @triton.jit
 def sqrt_exact(x, FP64: tl.constexpr):
     return tl.sqrt(x) if FP64 else tl.sqrt_rn(x)
+
+
+@triton.jit
+def typed_pointer(tensor_row, column, T: tl.constexpr):
+    """The data pointer in ``column`` of a meta row, typed."""
+    return tl.load(tensor_row + column).to(tl.pointer_type(T))
+
+
+@triton.jit
+def vector_pointers(base, offs, ALIGNED: tl.constexpr):
+    """``base + offs`` (1-D); with ALIGNED, known to hold aligned runs of VECTOR elements on
+    16 bytes (a pointer read from a table carries no alignment the compiler could see)."""
+    ptrs = base + offs
+    if ALIGNED:
+        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, 16), VECTOR)
+    return ptrs
+
+
+@triton.jit
+def vector_pointers_2d(base, offs, ALIGNED: tl.constexpr):
+    """:func:`vector_pointers` for 2-D offsets, runs along the columns."""
+    ptrs = base + offs
+    if ALIGNED:
+        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [1, 16]), [1, VECTOR])
+    return ptrs
 
 
 @triton.jit

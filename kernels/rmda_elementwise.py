@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    COL_D0, COL_D1, COL_G, COL_MASK, COL_P, COL_V, COL_W0, NCOL, LRUCache,
+    COL_D0, COL_D1, COL_G, COL_MASK, COL_P, COL_V, COL_W0, NCOL, VECTOR, LRUCache,
     cached_meta_and_counters, div_exact, emulate_bf16_rtne, kernel_dtypes, momentum_weights,
-    pointers_aligned, round_to, to_device,
+    pointers_aligned, round_to, to_device, typed_pointer, vector_pointers,
 )
 from .rmda_scalars import amp_pointers, tensor_step_scalars
 
@@ -28,18 +28,8 @@ if TYPE_CHECKING:
     from rmda_fused.batch import StepBatch
 
 BLOCK = 2048
-VECTOR = 4  # elements per aligned run that ALIGNED promises the compiler
 # this family's shape words: the tensor's numel, and how many tiles (programs) it has
 COL_NUMEL, COL_ARRIVALS = COL_D0, COL_D1
-
-
-@triton.jit
-def aligned_pointer(tensor_row, column, T: tl.constexpr, ALIGNED: tl.constexpr):
-    """The typed data pointer in ``column`` of a meta row, known 16-byte aligned if ALIGNED."""
-    address = tl.load(tensor_row + column)
-    if ALIGNED:
-        address = tl.multiple_of(address, 16)
-    return address.to(tl.pointer_type(T))
 
 
 @triton.jit
@@ -56,24 +46,23 @@ def _rmda_elementwise_kernel(
     beta, grad_weight, tau, live = tensor_step_scalars(
         tensor_row, tensor, tl.load(tensor_row + COL_ARRIVALS), counters, hyper, lr_ptr,
         scale_ptr, inf_ptr, F, FP64, HAS_LR_TENSOR, HAS_SCALE, HAS_INF)
-    p_ptr = aligned_pointer(tensor_row, COL_P, P, ALIGNED)
-    g_ptr = aligned_pointer(tensor_row, COL_G, G, ALIGNED)
-    w0_ptr = aligned_pointer(tensor_row, COL_W0, I, ALIGNED)
-    v_ptr = aligned_pointer(tensor_row, COL_V, F, ALIGNED)
+    p_ptr = typed_pointer(tensor_row, COL_P, P)
+    g_ptr = typed_pointer(tensor_row, COL_G, G)
+    w0_ptr = typed_pointer(tensor_row, COL_W0, I)
+    v_ptr = typed_pointer(tensor_row, COL_V, F)
     numel = tl.load(tensor_row + COL_NUMEL)
     c, one_minus_c = momentum_weights(hyper, F)
     # a skipped step (found_inf) masks every load and store: nothing changes
     limit = tl.where(live, numel, 0)
 
     offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:  # start is a multiple of BLOCK; limit of 4: the mask is constant per 4
-        limit = tl.multiple_of(limit, 4)
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
     m = offs < limit
-    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(F)
-    v = tl.load(v_ptr + offs, mask=m, other=0.0)
+    if ALIGNED:  # start is a multiple of BLOCK, limit of VECTOR: so is the mask constant
+        m = tl.max_constancy(m, VECTOR)
+    g = tl.load(vector_pointers(g_ptr, offs, ALIGNED), mask=m, other=0.0).to(F)
+    v = tl.load(vector_pointers(v_ptr, offs, ALIGNED), mask=m, other=0.0)
     v = v + grad_weight * g
-    w0 = tl.load(w0_ptr + offs, mask=m, other=0.0).to(F)
+    w0 = tl.load(vector_pointers(w0_ptr, offs, ALIGNED), mask=m, other=0.0).to(F)
     z = w0 - div_exact(v, beta, FP64)
     if PROX:  # L1: z <- sign(z) * max(|z| - tau, 0)
         keep = tl.abs(z) > tau
@@ -82,10 +71,10 @@ def _rmda_elementwise_kernel(
         z = tl.where(keep, tl.where(z > 0, z - tau, z + tau), 0.0)
         mask_ptr = tl.load(tensor_row + COL_MASK).to(tl.pointer_type(tl.int8))
         tl.store(mask_ptr + offs, zeroed.to(tl.int8), mask=m)
-    w = tl.load(p_ptr + offs, mask=m, other=0.0).to(F)
+    w = tl.load(vector_pointers(p_ptr, offs, ALIGNED), mask=m, other=0.0).to(F)
     w = one_minus_c * w + c * z
-    tl.store(v_ptr + offs, v, mask=m)
-    tl.store(p_ptr + offs, round_to(w, P, RTNE), mask=m)
+    tl.store(vector_pointers(v_ptr, offs, ALIGNED), v, mask=m)
+    tl.store(vector_pointers(p_ptr, offs, ALIGNED), round_to(w, P, RTNE), mask=m)
 
 
 def tile_counts(numels: tuple[int, ...], block: int) -> list[int]:
@@ -127,7 +116,7 @@ def rmda_elementwise_step_(
     tiles = _TILE_CACHE.get((str(device), numels, block),
                             lambda: to_device(_tiles(numels, block), device))
     pointers, has = amp_pointers(hyper, lr, grad_scale, found_inf)
-    aligned = all(n % VECTOR == 0 for n in numels) and pointers_aligned(batch)
+    aligned = all(n % VECTOR.value == 0 for n in numels) and pointers_aligned(batch)
     _rmda_elementwise_kernel[(sum(counts),)](
         meta, tiles, counters, hyper, *pointers, **kernel_dtypes(batch), **has, PROX=prox,
         RTNE=emulate_bf16_rtne(batch.params[0].dtype), ALIGNED=aligned, BLOCK=block,

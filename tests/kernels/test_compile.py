@@ -26,8 +26,10 @@ SCRIPT = textwrap.dedent('''
     from rmda_fused.kernels import rmda_elementwise as E, rmda_grouped as G, rmda_scalars as S
     assert backend.unavailable_reason() is None or "CUDA" in backend.unavailable_reason()
     target = GPUTarget("cuda", 90, 32)
-    POINTERS = {"meta": "*i64", "tiles": "*i64", "hyper": "*fp64", "lr_ptr": "*fp32",
-                "scale_ptr": "*fp32", "inf_ptr": "*fp32", "n_tensors": "i32"}
+    POINTERS = {"meta": "*i64", "tiles": "*i64", "tasks": "*i64", "counters": "*i32",
+                "hyper": "*fp64", "lr_ptr": "*fp32", "scale_ptr": "*fp32", "inf_ptr": "*fp32",
+                "n_tensors": "i32", "n_tasks": "i32"}
+    AMP = dict(HAS_LR_TENSOR=True, HAS_SCALE=True, HAS_INF=True)
 
     def compile(kernel, fp64, num_warps, **constexprs):
         state = "*fp64" if fp64 else "*fp32"
@@ -45,6 +47,10 @@ SCRIPT = textwrap.dedent('''
             print("USAGE", kernel.__name__, fp64, " ".join(usage.split()[-12:]))
         return compiled
 
+    def vector_loads(compiled):  # 128-bit (v4 of 32 bits) and 64-bit global loads
+        ptx = compiled.asm["ptx"]
+        return ptx.count("ld.global.v4.b32"), ptx.count("ld.global.v2.b32")
+
     for fp64, P in ((False, tl.float32), (False, tl.bfloat16), (True, tl.float64)):
         F = tl.float64 if fp64 else tl.float32
         for has_lr_tensor in (False, True):
@@ -52,13 +58,17 @@ SCRIPT = textwrap.dedent('''
                     HAS_LR_TENSOR=has_lr_tensor, HAS_SCALE=True, HAS_INF=True,
                     BLOCK=S.BLOCK_T)
         for prox in (False, True):
-            compile(E._rmda_elementwise_kernel, fp64, 8, P=P, G=P, I=P, F=F, FP64=fp64,
-                    PROX=prox, RTNE=False, BLOCK=E.BLOCK)
-        for br, bl, bg in G.TILES.values():
-            tiles = dict(P=P, I=P, F=F, FP64=fp64, TCOL=G.TCOL, RTNE=False, BLOCK_R=br,
-                         BLOCK_L=bl, BLOCK_G=bg)
-            compile(G._rmda_grouped_kernel, fp64, 8, G=P, **tiles)
-            compile(G._rmda_grouped_apply_kernel, fp64, 8, **tiles)
+            for aligned in (False, True):
+                k = compile(E._rmda_elementwise_kernel, fp64, 8, P=P, G=P, I=P, F=F,
+                            FP64=fp64, **AMP, PROX=prox, RTNE=False, ALIGNED=aligned,
+                            BLOCK=E.BLOCK)
+                print("VECTOR elementwise", P, prox, aligned, *vector_loads(k))
+        for grouping, (br, bl, bg) in G.TILES.items():
+            for aligned in (False, True):
+                k = compile(G._rmda_grouped_kernel, fp64, 8, P=P, G=P, I=P, F=F, FP64=fp64,
+                            **AMP, RTNE=False, ALIGNED=aligned, BLOCK_R=br, BLOCK_L=bl,
+                            BLOCK_G=bg)
+                print("VECTOR", grouping, P, False, aligned, *vector_loads(k))
     print("COMPILED")
 ''')
 
@@ -77,4 +87,14 @@ def test_kernels_compile_for_sm90():
         if line.startswith("USAGE") and " False " in line:  # fp32 / bf16 state
             stack = re.search(r"STACK:(\d+)", line)
             assert stack and int(stack.group(1)) == 0, f"register spills: {line}"
+    # ALIGNED kernels load 128 bits at a time where the dtype allows it (fp32 arrays: v4 of
+    # 32 bits; bf16 W, g, W0: 64 bits, beside fp32 V's 128), the others 32 bits at most
+    vectors = {tuple(line.split()[1:5]): tuple(map(int, line.split()[5:]))
+               for line in run.stdout.splitlines() if line.startswith("VECTOR")}
+    assert len(vectors) == 3 * 2 * 4, sorted(vectors)
+    for (kernel, dtype, _, aligned), (v4, v2) in vectors.items():
+        if aligned == "False":
+            assert v4 == v2 == 0, f"{kernel} {dtype}: vector loads without ALIGNED"
+        elif dtype in ("fp32", "bf16"):
+            assert v4 > 0, f"{kernel} {dtype}: no 128-bit load with ALIGNED"
 
