@@ -58,28 +58,29 @@ def sqrt_exact(x, FP64: tl.constexpr):
 
 
 @triton.jit
-def typed_pointer(tensor_row, column, T: tl.constexpr):
-    """The data pointer in ``column`` of a meta row, typed."""
-    return tl.load(tensor_row + column).to(tl.pointer_type(T))
+def element_pointers(tensor_row, P: tl.constexpr, G: tl.constexpr, I: tl.constexpr,
+                     F: tl.constexpr):
+    """The (W, g, W0, V) data pointers of a meta row, typed."""
+    return (tl.load(tensor_row + COL_P).to(tl.pointer_type(P)),
+            tl.load(tensor_row + COL_G).to(tl.pointer_type(G)),
+            tl.load(tensor_row + COL_W0).to(tl.pointer_type(I)),
+            tl.load(tensor_row + COL_V).to(tl.pointer_type(F)))
 
 
+# Hints for ALIGNED kernels: a pointer read from a table carries no alignment the compiler
+# could see, so each array's pointers at ``offs`` are declared to hold aligned runs of
+# VECTOR elements on 16 bytes. (All four arrays in one call: the interpreter makes each
+# call of a jitted helper slowly.)
 @triton.jit
-def vector_pointers(base, offs, ALIGNED: tl.constexpr):
-    """``base + offs`` (1-D); with ALIGNED, known to hold aligned runs of VECTOR elements on
-    16 bytes (a pointer read from a table carries no alignment the compiler could see)."""
-    ptrs = base + offs
+def vector_pointers(pointers, offs, ALIGNED: tl.constexpr):
+    """(W, g, W0, V) pointers at 1-D ``offs``."""
+    p, g, w0, v = pointers[0] + offs, pointers[1] + offs, pointers[2] + offs, pointers[3] + offs
     if ALIGNED:
-        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, 16), VECTOR)
-    return ptrs
-
-
-@triton.jit
-def vector_pointers_2d(base, offs, ALIGNED: tl.constexpr):
-    """:func:`vector_pointers` for 2-D offsets, runs along the columns."""
-    ptrs = base + offs
-    if ALIGNED:
-        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [1, 16]), [1, VECTOR])
-    return ptrs
+        p = tl.max_contiguous(tl.multiple_of(p, 16), VECTOR)
+        g = tl.max_contiguous(tl.multiple_of(g, 16), VECTOR)
+        w0 = tl.max_contiguous(tl.multiple_of(w0, 16), VECTOR)
+        v = tl.max_contiguous(tl.multiple_of(v, 16), VECTOR)
+    return p, g, w0, v
 
 
 @triton.jit

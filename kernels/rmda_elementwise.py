@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    COL_D0, COL_D1, COL_G, COL_MASK, COL_P, COL_V, COL_W0, NCOL, VECTOR, LRUCache,
-    cached_meta_and_counters, div_exact, emulate_bf16_rtne, kernel_dtypes, momentum_weights,
-    pointers_aligned, round_to, to_device, typed_pointer, vector_pointers,
+    COL_D0, COL_D1, COL_MASK, NCOL, VECTOR, LRUCache, cached_meta_and_counters, div_exact,
+    element_pointers, emulate_bf16_rtne, kernel_dtypes, momentum_weights, pointers_aligned,
+    round_to, to_device, vector_pointers,
 )
 from .rmda_scalars import amp_pointers, tensor_step_scalars
 
@@ -46,10 +46,6 @@ def _rmda_elementwise_kernel(
     beta, grad_weight, tau, live = tensor_step_scalars(
         tensor_row, tensor, tl.load(tensor_row + COL_ARRIVALS), counters, hyper, lr_ptr,
         scale_ptr, inf_ptr, F, FP64, HAS_LR_TENSOR, HAS_SCALE, HAS_INF)
-    p_ptr = typed_pointer(tensor_row, COL_P, P)
-    g_ptr = typed_pointer(tensor_row, COL_G, G)
-    w0_ptr = typed_pointer(tensor_row, COL_W0, I)
-    v_ptr = typed_pointer(tensor_row, COL_V, F)
     numel = tl.load(tensor_row + COL_NUMEL)
     c, one_minus_c = momentum_weights(hyper, F)
     # a skipped step (found_inf) masks every load and store: nothing changes
@@ -59,10 +55,12 @@ def _rmda_elementwise_kernel(
     m = offs < limit
     if ALIGNED:  # start is a multiple of BLOCK, limit of VECTOR: so is the mask constant
         m = tl.max_constancy(m, VECTOR)
-    g = tl.load(vector_pointers(g_ptr, offs, ALIGNED), mask=m, other=0.0).to(F)
-    v = tl.load(vector_pointers(v_ptr, offs, ALIGNED), mask=m, other=0.0)
+    p_ptrs, g_ptrs, w0_ptrs, v_ptrs = vector_pointers(
+        element_pointers(tensor_row, P, G, I, F), offs, ALIGNED)
+    g = tl.load(g_ptrs, mask=m, other=0.0).to(F)
+    v = tl.load(v_ptrs, mask=m, other=0.0)
     v = v + grad_weight * g
-    w0 = tl.load(vector_pointers(w0_ptr, offs, ALIGNED), mask=m, other=0.0).to(F)
+    w0 = tl.load(w0_ptrs, mask=m, other=0.0).to(F)
     z = w0 - div_exact(v, beta, FP64)
     if PROX:  # L1: z <- sign(z) * max(|z| - tau, 0)
         keep = tl.abs(z) > tau
@@ -71,10 +69,10 @@ def _rmda_elementwise_kernel(
         z = tl.where(keep, tl.where(z > 0, z - tau, z + tau), 0.0)
         mask_ptr = tl.load(tensor_row + COL_MASK).to(tl.pointer_type(tl.int8))
         tl.store(mask_ptr + offs, zeroed.to(tl.int8), mask=m)
-    w = tl.load(vector_pointers(p_ptr, offs, ALIGNED), mask=m, other=0.0).to(F)
+    w = tl.load(p_ptrs, mask=m, other=0.0).to(F)
     w = one_minus_c * w + c * z
-    tl.store(vector_pointers(v_ptr, offs, ALIGNED), v, mask=m)
-    tl.store(vector_pointers(p_ptr, offs, ALIGNED), round_to(w, P, RTNE), mask=m)
+    tl.store(v_ptrs, v, mask=m)
+    tl.store(p_ptrs, round_to(w, P, RTNE), mask=m)
 
 
 def tile_counts(numels: tuple[int, ...], block: int) -> list[int]:

@@ -32,10 +32,9 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    COL_D0, COL_D1, COL_D2, COL_D3, COL_G, COL_MASK, COL_P, COL_V, COL_W0, NCOL, VECTOR,
-    LRUCache, cached_meta_and_counters, div_exact, emulate_bf16_rtne,
-    kernel_dtypes, momentum_weights, pointers_aligned, round_to, sqrt_exact, to_device,
-    typed_pointer, vector_pointers_2d,
+    COL_D0, COL_D1, COL_D2, COL_D3, COL_MASK, NCOL, VECTOR, LRUCache,
+    cached_meta_and_counters, div_exact, element_pointers, emulate_bf16_rtne, kernel_dtypes,
+    momentum_weights, pointers_aligned, round_to, sqrt_exact, to_device,
 )
 from .rmda_scalars import amp_pointers, tensor_step_scalars
 
@@ -137,17 +136,24 @@ def _band_columns(cols, group_ids, segment, per_row, inner):
 
 
 @triton.jit
-def _band_offsets(tile_rows, columns, layout, ALIGNED: tl.constexpr):
-    """Element offsets of the band's tile rows ``tile_rows`` and their in-bounds mask."""
+def _band_tile(tile_rows, columns, layout, pointers, ALIGNED: tl.constexpr):
+    """(W, g, W0, V) pointers at the band's tile rows ``tile_rows`` and their in-bounds
+    mask; with ALIGNED (runs, strides and offsets multiples of VECTOR on 16-byte arrays)
+    known to hold aligned runs of VECTOR columns, under a mask constant over them."""
     col_segment, in_segment, used = columns
     outer_live, stride, group_offset, run, segment, pieces, per_row = layout
     o = (tile_rows // pieces)[:, None] * per_row + col_segment[None, :]
     pos = ((tile_rows % pieces) * segment)[:, None] + in_segment[None, :]
     offs = o * stride + group_offset + pos
     m = (o < outer_live) & used[None, :] & (pos < run)
-    if ALIGNED:  # runs, strides and offsets are multiples of VECTOR: the mask is constant
-        m = tl.max_constancy(m, [1, VECTOR])  # over VECTOR columns
-    return offs, m
+    p, g, w0, v = pointers[0] + offs, pointers[1] + offs, pointers[2] + offs, pointers[3] + offs
+    if ALIGNED:
+        m = tl.max_constancy(m, [1, VECTOR])
+        p = tl.max_contiguous(tl.multiple_of(p, [1, 16]), [1, VECTOR])
+        g = tl.max_contiguous(tl.multiple_of(g, [1, 16]), [1, VECTOR])
+        w0 = tl.max_contiguous(tl.multiple_of(w0, [1, 16]), [1, VECTOR])
+        v = tl.max_contiguous(tl.multiple_of(v, [1, 16]), [1, VECTOR])
+    return p, g, w0, v, m
 
 
 @triton.jit
@@ -162,18 +168,16 @@ def _group_scale(group_sumsq, threshold, FP64: tl.constexpr):
 
 
 @triton.jit
-def _new_dual(v_ptr, g_ptr, offs, m, grad_weight, F: tl.constexpr, ALIGNED: tl.constexpr):
-    """V + (s / grad_scale) * g at ``offs`` (not stored)."""
-    v = tl.load(vector_pointers_2d(v_ptr, offs, ALIGNED), mask=m, other=0.0)
-    g = tl.load(vector_pointers_2d(g_ptr, offs, ALIGNED), mask=m, other=0.0)
-    return v + grad_weight * g.to(F)
+def _new_dual(v_ptrs, g_ptrs, m, grad_weight, F: tl.constexpr):
+    """V + (s / grad_scale) * g (not stored)."""
+    v = tl.load(v_ptrs, mask=m, other=0.0)
+    return v + grad_weight * tl.load(g_ptrs, mask=m, other=0.0).to(F)
 
 
 @triton.jit
-def _prox_input(w0_ptr, v, offs, m, beta, F: tl.constexpr, FP64: tl.constexpr,
-                ALIGNED: tl.constexpr):
-    """z = W0 - V / beta at ``offs``, before the prox."""
-    w0 = tl.load(vector_pointers_2d(w0_ptr, offs, ALIGNED), mask=m, other=0.0).to(F)
+def _prox_input(w0_ptrs, v, m, beta, F: tl.constexpr, FP64: tl.constexpr):
+    """z = W0 - V / beta, before the prox."""
+    w0 = tl.load(w0_ptrs, mask=m, other=0.0).to(F)
     return w0 - div_exact(v, beta, FP64)
 
 
@@ -188,12 +192,11 @@ def _groups_to_columns(in_group, per_group):
 
 
 @triton.jit
-def _write_weight(p_ptr, offs, m, z, col_scale, c, one_minus_c, P: tl.constexpr,
-                  F: tl.constexpr, RTNE: tl.constexpr, ALIGNED: tl.constexpr):
+def _write_weight(p_ptrs, m, z, col_scale, c, one_minus_c, P: tl.constexpr, F: tl.constexpr,
+                  RTNE: tl.constexpr):
     """W <- (1 - c) W + c * prox(z), the prox being z times its group's scale."""
-    ptrs = vector_pointers_2d(p_ptr, offs, ALIGNED)
-    w = one_minus_c * tl.load(ptrs, mask=m, other=0.0).to(F) + c * (z * col_scale[None, :])
-    tl.store(ptrs, round_to(w, P, RTNE), mask=m)
+    w = one_minus_c * tl.load(p_ptrs, mask=m, other=0.0).to(F) + c * (z * col_scale[None, :])
+    tl.store(p_ptrs, round_to(w, P, RTNE), mask=m)
 
 
 @triton.jit
@@ -224,35 +227,32 @@ def _band_step(meta, task, counters, hyper, lr_ptr, scale_ptr, inf_ptr,
         tl.arange(0, BLOCK_L), group_ids, segment, per_row, inner)
     columns = (col_segment, in_segment, used)
     tile_rows = tl.arange(0, BLOCK_R).to(tl.int64)
-    p_ptr = typed_pointer(tensor_row, COL_P, P)
-    g_ptr = typed_pointer(tensor_row, COL_G, G)
-    w0_ptr = typed_pointer(tensor_row, COL_W0, I)
-    v_ptr = typed_pointer(tensor_row, COL_V, F)
+    pointers = element_pointers(tensor_row, P, G, I, F)
     c, one_minus_c = momentum_weights(hyper, F)
     if n_tile_rows <= BLOCK_R:  # one tile: z stays in registers, one walk
-        offs, m = _band_offsets(tile_rows, columns, layout, ALIGNED)
-        v = _new_dual(v_ptr, g_ptr, offs, m, grad_weight, F, ALIGNED)
-        z = _prox_input(w0_ptr, v, offs, m, beta, F, FP64, ALIGNED)
+        p, g, w0, v_ptrs, m = _band_tile(tile_rows, columns, layout, pointers, ALIGNED)
+        v = _new_dual(v_ptrs, g, m, grad_weight, F)
+        z = _prox_input(w0, v, m, beta, F, FP64)
         scale, zero = _group_scale(_columns_to_groups(in_group, tl.sum(z * z, axis=0)),
                                    threshold, FP64)
-        tl.store(vector_pointers_2d(v_ptr, offs, ALIGNED), v, mask=m)
-        _write_weight(p_ptr, offs, m, z, _groups_to_columns(in_group, scale), c, one_minus_c,
-                      P, F, RTNE, ALIGNED)
+        tl.store(v_ptrs, v, mask=m)
+        _write_weight(p, m, z, _groups_to_columns(in_group, scale), c, one_minus_c, P, F, RTNE)
     else:  # walk 1: V and the sums of z^2; walk 2: re-read V, W0 (from L2) and write W
         col_sumsq = tl.zeros([BLOCK_L], F)
         for first_row in range(0, n_tile_rows, BLOCK_R):
-            offs, m = _band_offsets(first_row + tile_rows, columns, layout, ALIGNED)
-            v = _new_dual(v_ptr, g_ptr, offs, m, grad_weight, F, ALIGNED)
-            z = _prox_input(w0_ptr, v, offs, m, beta, F, FP64, ALIGNED)
-            tl.store(vector_pointers_2d(v_ptr, offs, ALIGNED), v, mask=m)
+            p, g, w0, v_ptrs, m = _band_tile(first_row + tile_rows, columns, layout, pointers,
+                                             ALIGNED)
+            v = _new_dual(v_ptrs, g, m, grad_weight, F)
+            z = _prox_input(w0, v, m, beta, F, FP64)
+            tl.store(v_ptrs, v, mask=m)
             col_sumsq += tl.sum(z * z, axis=0)
         scale, zero = _group_scale(_columns_to_groups(in_group, col_sumsq), threshold, FP64)
         col_scale = _groups_to_columns(in_group, scale)
         for first_row in range(0, n_tile_rows, BLOCK_R):  # each lane re-reads what it wrote
-            offs, m = _band_offsets(first_row + tile_rows, columns, layout, ALIGNED)
-            v = tl.load(vector_pointers_2d(v_ptr, offs, ALIGNED), mask=m, other=0.0)
-            z = _prox_input(w0_ptr, v, offs, m, beta, F, FP64, ALIGNED)
-            _write_weight(p_ptr, offs, m, z, col_scale, c, one_minus_c, P, F, RTNE, ALIGNED)
+            p, g, w0, v_ptrs, m = _band_tile(first_row + tile_rows, columns, layout, pointers,
+                                             ALIGNED)
+            z = _prox_input(w0, tl.load(v_ptrs, mask=m, other=0.0), m, beta, F, FP64)
+            _write_weight(p, m, z, col_scale, c, one_minus_c, P, F, RTNE)
     mask_ptr = tl.load(tensor_row + COL_MASK).to(tl.pointer_type(tl.int8))
     tl.store(mask_ptr + first_group + group_ids, zero.to(tl.int8),
              mask=group_ids < tl.where(live, n_groups, 0))
