@@ -68,6 +68,9 @@ def tensor_step_scalars(tensor_row, tensor, arrivals, counters, hyper, lr_ptr, s
     live = tl.full([], 1, tl.int1)
     if HAS_INF:
         live = tl.load(inf_ptr) == 0
+    # every thread of the program loads t and A, one thread arrives: the barrier orders all
+    # the loads before that arrival's release
+    tl.debug_barrier()
     arrived = tl.atomic_add(counters + tensor, 1, sem="acq_rel")
     last = arrived == arrivals - 1
     tl.store(t_ptr, t, mask=last & live)

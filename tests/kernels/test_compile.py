@@ -5,7 +5,9 @@ rejects (a variable whose type differs between the branches of a runtime ``if``,
 that is not a constexpr, ...). Here each kernel is compiled ahead of time to a cubin with
 triton's bundled ptxas, in a subprocess that imports the kernels without TRITON_INTERPRET,
 and, where cuobjdump is bundled, the fp32/bf16 variants are checked not to spill registers
-(fp64 ones may: twice the registers per value, and fp64 is not the fast path).
+(fp64 ones may: twice the registers per value, and fp64 is not the fast path). The PTX is
+checked for what the interpreter cannot show: 128-bit loads in the ALIGNED variants, and a
+barrier between the loads of t and A and the one-thread arrival at the tensor's counter.
 """
 from __future__ import annotations
 
@@ -51,6 +53,18 @@ SCRIPT = textwrap.dedent('''
         ptx = compiled.asm["ptx"]
         return ptx.count("ld.global.v4.b32"), ptx.count("ld.global.v2.b32")
 
+    def arrival_after_barrier(compiled):
+        """Whether the arrival (one thread's acq_rel atomic) follows a barrier with no global
+        load between them: every thread's load of the old t and A precedes the release."""
+        lines = compiled.asm["ptx"].splitlines()
+        atoms = [i for i, line in enumerate(lines) if "atom.global.gpu.acq_rel.add" in line]
+        if len(atoms) != 1:
+            return False
+        before = lines[:atoms[0]]
+        barriers = [i for i, line in enumerate(before) if "bar.sync" in line]
+        return bool(barriers) and not any("ld.global" in line
+                                          for line in before[barriers[-1]:])
+
     for fp64, P in ((False, tl.float32), (False, tl.bfloat16), (True, tl.float64)):
         F = tl.float64 if fp64 else tl.float32
         for has_lr_tensor in (False, True):
@@ -63,12 +77,14 @@ SCRIPT = textwrap.dedent('''
                             FP64=fp64, **AMP, PROX=prox, RTNE=False, ALIGNED=aligned,
                             BLOCK=E.BLOCK)
                 print("VECTOR elementwise", P, prox, aligned, *vector_loads(k))
+                assert arrival_after_barrier(k), "elementwise: a load may follow the arrival"
         for grouping, (br, bl, bg) in G.TILES.items():
             for aligned in (False, True):
                 k = compile(G._rmda_grouped_kernel, fp64, 8, P=P, G=P, I=P, F=F, FP64=fp64,
                             **AMP, RTNE=False, ALIGNED=aligned, BLOCK_R=br, BLOCK_L=bl,
                             BLOCK_G=bg)
                 print("VECTOR", grouping, P, False, aligned, *vector_loads(k))
+                assert arrival_after_barrier(k), "grouped: a load may follow the arrival"
     print("COMPILED")
 ''')
 
