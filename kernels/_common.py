@@ -1,5 +1,6 @@
-"""What the RMDA Triton kernels share: the per-tensor pointer table and its cache, the
-column names of the tables they pass each other, and the exact-rounding helpers.
+"""What the RMDA Triton kernels share: the per-tensor pointer table and its cache (with the
+arrival counters), the column names of the tables, the alignment hints and the
+exact-rounding helpers.
 
 Every kernel receives one int64 ``meta`` table with a row per tensor (the columns below),
 so a whole dtype bucket of parameters is updated by one launch, whatever the shapes.
@@ -23,9 +24,9 @@ COL_P, COL_G, COL_W0, COL_V, COL_MASK, COL_STEP, COL_ALPHA = map(tl.constexpr, r
 COL_D0, COL_D1, COL_D2, COL_D3 = map(tl.constexpr, range(7, 11))
 NCOL = tl.constexpr(12)  # one spare column keeps rows 96 bytes apart
 
-# columns of the per-tensor scratch the scalars kernel writes (state dtype) for the element
-# kernels: beta = sqrt(t), the weight of g in V += weight * g (s / grad_scale), the prox
-# threshold tau, and 1.0 for a step that found_inf skips
+# columns of the per-tensor scratch that rmda_scalars_ writes (state dtype) for kernels that
+# read their scalars from it: beta = sqrt(t), the weight of g in V += weight * g
+# (s / grad_scale), the prox threshold tau, and 1.0 for a step that found_inf skips
 SCR_BETA, SCR_GRAD_WEIGHT, SCR_TAU, SCR_SKIP = map(tl.constexpr, range(4))
 NSCR = tl.constexpr(4)
 
