@@ -41,9 +41,11 @@ from .rmda_scalars import amp_pointers, tensor_step_scalars
 if TYPE_CHECKING:
     from rmda_fused.batch import StepBatch
 
-# (BLOCK_R, BLOCK_L, BLOCK_G) per grouping: input_channel runs are short (n_groups * k*k)
-# and the rows many (O); output_channel runs are long (I * k*k), one row per group set, and
-# hold few groups. BLOCK_G, the most groups per band, bounds the column-to-group reduction.
+# (BLOCK_R, BLOCK_L, BLOCK_G) per grouping: input_channel runs are short (n_groups * k*k,
+# several side by side in a tile row) and the rows many (O); output_channel has one row
+# (outer = 1) whose run is long (I * k*k: a one-group band longer than BLOCK_L is cut into
+# pieces, a tile row each). BLOCK_G, the most groups per band, bounds the column-to-group
+# reduction.
 TILES = {"input_channel": (64, 32, 32), "output_channel": (16, 128, 8)}
 
 # The L2 model that sizes bands (H100 SXM and H200: 132 SMs, 50 MB of L2). Between a band's
@@ -51,7 +53,8 @@ TILES = {"input_channel": (64, 32, 32), "output_channel": (16, 128, 8)}
 # be re-read) and W (walk 2's lines), so the re-read hits when
 #     PROGRAMS x band elements x (bytes of V + W0 + W per element) <= L2_SHARE x L2_BYTES,
 # half of the L2 leaving room for g's streaming lines, the tables and imperfect LRU.
-# PROGRAMS caps the grid (two programs of 8 warps per SM), so it bounds the bands in
+# PROGRAMS caps the grid (two programs of 8 warps per SM: the fp32 variants compile to
+# 80-120 registers per thread, tests/kernels/test_compile.py), so it bounds the bands in
 # flight even where more programs would fit an SM.
 L2_BYTES = 50e6
 L2_SHARE = 0.5
@@ -107,7 +110,8 @@ def plan(views, block_l: int, block_g: int, budget: int):
 
 
 def runs_aligned(views, tasks) -> bool:
-    """Whether every band's runs start and end on multiples of VECTOR elements."""
+    """Whether every band's runs start, end and repeat (the row stride) on multiples of
+    VECTOR elements."""
     return all((n * inner) % VECTOR.value == 0 and (first * inner) % VECTOR.value == 0
                and (groups * inner) % VECTOR.value == 0
                for (_, groups, inner), (_, first, n, _) in
