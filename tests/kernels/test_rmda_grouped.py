@@ -7,7 +7,9 @@ import torch
 
 from kernel_testing import Float64, Params, check_close, grads_for, reference_step
 
-CONV_SHAPES = [(6, 4, 3, 3), (5, 3, 1, 1), (10, 12), (7, 5, 3, 3), (0, 3, 3, 3), (4, 0)]
+# (4, 2, 7, 7): input_channel runs of 49 > BLOCK_L cut into pieces (both tiles)
+CONV_SHAPES = [(6, 4, 3, 3), (5, 3, 1, 1), (10, 12), (7, 5, 3, 3), (0, 3, 3, 3), (4, 0),
+               (4, 2, 7, 7)]
 # (BLOCK_R, BLOCK_L, BLOCK_G): the defaults, and tiny tiles that make most bands of these
 # small shapes span several tiles (two walks; runs packed side by side or in pieces)
 TILES = [None, (2, 16, 4)]
