@@ -5,7 +5,9 @@ Under TRITON_INTERPRET=1 every ``tl.load`` / ``tl.store`` of a kernel ends in
 ``interpreter_builder.create_masked_load`` / ``create_masked_store`` (the unmasked forms call
 them too), and every launch goes through ``InterpretedFunction.run``. :class:`TrafficCounter`
 wraps the three while it is entered and records, per launch, the addresses of the lanes left
-unmasked and the byte size of each. Addresses are named afterwards by memory region: the
+unmasked and the byte size of each: the unique addresses read and written, and every load
+(a band's second walk loads V and W0 again; each program of a tensor loads its t and A).
+Atomics (the arrival counters) are not counted; the model bounds them with the tables. Addresses are named afterwards by memory region: the
 tensors the caller names (parameters and their state) and the launch's own tensor arguments,
 named by the kernel's argument names (meta, tiles, scratch, hyper, partial, ...).
 """
@@ -39,7 +41,7 @@ def require_interpreter() -> None:
 
 class Regions:
     """Named address ranges (the storage of each tensor added); the first name of a range
-    wins (rmda_scalars passes one tensor under several argument names)."""
+    wins (the kernels receive ``hyper`` for an absent lr, grad_scale or found_inf too)."""
 
     def __init__(self) -> None:
         self._ranges: dict[int, tuple[int, str]] = {}  # start -> (end, name)
@@ -58,13 +60,17 @@ class Regions:
 
     def bytes_by_name(self, accesses: dict[int, int]) -> Counter:
         """{address: size} summed per region name."""
-        if not accesses:
+        return self.bytes_by_name_of(
+            np.fromiter(accesses, dtype=np.uint64, count=len(accesses)),
+            np.fromiter(accesses.values(), dtype=np.int64, count=len(accesses)))
+
+    def bytes_by_name_of(self, addresses: np.ndarray, sizes: np.ndarray) -> Counter:
+        """The bytes of accesses (an address and a size each) summed per region name."""
+        if not len(addresses):
             return Counter()
         starts = np.array(sorted(self._ranges), dtype=np.uint64)
         ends = np.array([self._ranges[s][0] for s in sorted(self._ranges)], dtype=np.uint64)
         names = [self._ranges[s][1] for s in sorted(self._ranges)] + [UNKNOWN]
-        addresses = np.fromiter(accesses, dtype=np.uint64, count=len(accesses))
-        sizes = np.fromiter(accesses.values(), dtype=np.int64, count=len(accesses))
         at = np.searchsorted(starts, addresses, side="right").astype(np.int64) - 1
         inside = (at >= 0) & (addresses < ends[np.maximum(at, 0)])
         index = np.where(inside, at, len(starts))
@@ -76,17 +82,25 @@ class Regions:
 
 @dataclass
 class LaunchCount:
-    """One launch: its kernel, grid size, tensor arguments, and the unique addresses it
-    read and wrote ({address: access size in bytes})."""
+    """One launch: its kernel, grid size, tensor arguments, the unique addresses it read
+    and wrote ({address: access size in bytes}) and every load it made."""
 
     kernel: str
     programs: int
     arguments: Regions
     reads: dict[int, int] = field(default_factory=dict)
     writes: dict[int, int] = field(default_factory=dict)
+    loads: list[tuple[np.ndarray, int]] = field(default_factory=list)  # (addresses, size)
 
     def by_region(self, regions: Regions, direction: str) -> Counter:
         return regions.merged(self.arguments).bytes_by_name(getattr(self, direction))
+
+    def loaded_by_region(self, regions: Regions) -> Counter:
+        if not self.loads:
+            return Counter()
+        addresses = np.concatenate([a for a, _ in self.loads])
+        sizes = np.concatenate([np.full(len(a), size, dtype=np.int64) for a, size in self.loads])
+        return regions.merged(self.arguments).bytes_by_name_of(addresses, sizes)
 
 
 class TrafficCounter:
@@ -138,17 +152,18 @@ class TrafficCounter:
 
         return counting_run
 
-    def _record(self, accesses: dict[int, int], ptrs, mask) -> None:
+    def _record(self, accesses: dict[int, int], ptrs, mask) -> tuple[np.ndarray, int]:
         # a mask may arrive as integers: as an index array it would pick lanes, not filter
         lanes = np.broadcast_to(np.asarray(mask.data, dtype=bool), np.shape(ptrs.data))
         addresses = np.asarray(ptrs.data).astype(np.uint64)[lanes]
         size = ptrs.get_element_ty().primitive_bitwidth // 8
         accesses.update(dict.fromkeys(np.unique(addresses).tolist(), size))
+        return addresses, size
 
     def _counting_load(self, load):
         def counting_load(ptrs, mask, *args, **kwargs):
             if self._current is not None:
-                self._record(self._current.reads, ptrs, mask)
+                self._current.loads.append(self._record(self._current.reads, ptrs, mask))
             return load(ptrs, mask, *args, **kwargs)
 
         return counting_load
@@ -166,21 +181,21 @@ class TrafficCounter:
 
 def check_layers() -> nn.Sequential:
     """Small shapes that reach every path of the default tiles: 1x1, 3x3 and linear with
-    odd sizes and biases (one pass), a 7x7 (runs folded into two tile rows), a linear with
-    O = 70 > 64 rows (input_channel: two passes) and a 16x16 patch conv with
-    I*k*k = 2304 > 2048 (output_channel: two passes)."""
+    odd sizes and biases (one walk, short runs side by side in a tile row), a 7x7 (runs in
+    two pieces), a 7x7 with O = 70 (input_channel: 140 tile rows, two walks) and a 16x16
+    patch conv with I*k*k = 2304 > 2048 (output_channel: two walks)."""
     return nn.Sequential(nn.Conv2d(6, 8, 1), nn.Conv2d(5, 7, 3), nn.Linear(11, 13),
-                         nn.Conv2d(3, 9, 7, bias=False), nn.Linear(2, 70, bias=False),
+                         nn.Conv2d(3, 9, 7, bias=False), nn.Conv2d(1, 70, 7, bias=False),
                          nn.Conv2d(9, 2, 16, bias=False))
 
 
-# (BLOCK_R, BLOCK_L, BLOCK_G) as tests/kernels/test_rmda_grouped.py uses: row chunks of
-# CHUNK_ITERS * 2 rows, so small sets take several chunks, partial-sum slots and apply programs
+# (BLOCK_R, BLOCK_L, BLOCK_G) as tests/kernels/test_rmda_grouped.py uses: tiles of 2 rows,
+# so most bands of small shapes take two walks
 TINY_TILE = (2, 16, 4)
 
 
 def tiny_tile_layers() -> nn.Sequential:
-    """Few programs with TINY_TILE, several chunks per group set in both channel groupings."""
+    """Few programs with TINY_TILE, most bands walked twice in both channel groupings."""
     return nn.Sequential(nn.Conv2d(5, 7, 3, bias=False), nn.Linear(11, 13, bias=False),
                          nn.Conv2d(17, 3, 3, bias=False))
 
@@ -190,6 +205,7 @@ class CaseResult:
     name: str
     launches: tuple[int, int]  # (counted, model)
     element_bytes: tuple[int, int]  # per-pass sums over the roles, (counted, model)
+    loaded_bytes: tuple[int, int]  # every load of the roles, re-reads included
     tables: tuple[int, int]  # per-pass table bytes, (counted, model's bound)
     step_dram: tuple[int, int]  # each address once per step (counted) vs the DRAM model
     numel: int
@@ -228,8 +244,16 @@ def compare(name: str, launches: list[LaunchCount], regions: Regions, passes: li
                    f"{[(c.kernel, c.programs) for c in launches]}, model "
                    f"{[(p.kernel, p.programs) for p in passes]}")
     counted_elements = model_elements = counted_tables = table_bound = 0
+    counted_loaded = model_loaded = 0
     step_read, step_written = {}, {}
     for i, (c, p) in enumerate(zip(launches, passes)):
+        loaded = c.loaded_by_region(regions)
+        for role in ROLES:
+            if loaded[role] != p.loaded[role]:
+                bad.append(f"launch {i} {c.kernel} every load of {role}: counted "
+                           f"{loaded[role]} B, model {p.loaded[role]:g} B")
+        counted_loaded += sum(loaded[r] for r in ROLES)
+        model_loaded += sum(p.loaded[r] for r in ROLES)
         for direction, modelled, bound in (("reads", p.read, p.tables_read),
                                            ("writes", p.written, p.tables_written)):
             counted = c.by_region(regions, direction)
@@ -257,7 +281,8 @@ def compare(name: str, launches: list[LaunchCount], regions: Regions, passes: li
         bad.append(f"step, each address once: counted {counted_step} B, model's DRAM "
                    f"estimate {model_step:g} B")
     return CaseResult(name, (len(launches), len(passes)), (counted_elements, model_elements),
-                      (counted_tables, table_bound), (counted_step, model_step), numel, bad)
+                      (counted_loaded, model_loaded), (counted_tables, table_bound),
+                      (counted_step, model_step), numel, bad)
 
 
 def check_case(grouping: str, dtype: torch.dtype, l2_bytes: float,
@@ -292,11 +317,11 @@ def _shapes(layers: nn.Module) -> str:
 
 def run_check(l2_bytes: float) -> bool:
     """Print counted against modelled bytes for every check case; True when all agree."""
-    print("one optimizer step, counted in Triton's interpreter (unique bytes of unmasked "
-          "lanes per launch) vs the model; shapes", _shapes(check_layers()), "(tile cases:",
+    print("one optimizer step, counted in Triton's interpreter (bytes of unmasked lanes per "
+          "launch: each address once, and every load) vs the model; shapes", _shapes(check_layers()), "(tile cases:",
           _shapes(tiny_tile_layers()) + ")")
-    print(f"{'case':38s} {'launches':>9s}  {'elements+state B/elt, per pass':>30s}  "
-          f"{'tables B (bound)':>18s}  {'step DRAM B/elt':>19s}")
+    print(f"{'case':38s} {'launches':>9s}  {'elements+state B/elt':>20s}  "
+          f"{'every load B/elt':>18s}  {'tables B (bound)':>18s}  {'step DRAM B/elt':>19s}")
     ok = True
     for grouping, dtype, tile in check_cases():
         r = check_case(grouping, dtype, l2_bytes, tile)
@@ -307,7 +332,8 @@ def run_check(l2_bytes: float) -> bool:
 
         tables = f"{r.tables[0]} {'<=' if r.tables[0] <= r.tables[1] else '>'} {r.tables[1]}"
         print(f"{r.name:38s} {pair(*r.launches, per=1).replace('.000', ''):>9s}  "
-              f"{pair(*r.element_bytes):>30s}  {tables:>18s}  {pair(*r.step_dram):>19s}")
+              f"{pair(*r.element_bytes):>20s}  {pair(*r.loaded_bytes):>18s}  {tables:>18s}  "
+              f"{pair(*r.step_dram):>19s}")
         for line in r.mismatches:
             print("  DISAGREES:", line)
         ok = ok and not r.mismatches

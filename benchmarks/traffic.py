@@ -5,23 +5,27 @@ from the kernels' own work plans, and checked against the loads and stores they 
     python -m benchmarks.traffic --check
 
 The table is a model, not a measurement. Per param group (as rmda_fused.param_groups builds
-them) and dtype bucket, the launches and their grids come from the wrappers' planners
-(``rmda_grouped.plan`` with ``rmda_grouped.TILES``, ``rmda_elementwise._tiles`` with its
-BLOCK, ``rmda_scalars.BLOCK_T``); which element arrays each kind of program reads and writes
-is read off the kernel bodies (``READS``/``WRITES`` below). DRAM model:
+them) and dtype bucket, the launch and its grid come from the wrappers' planners
+(``rmda_grouped.plan`` with ``rmda_grouped.TILES`` and its band budget,
+``rmda_elementwise._tiles`` with its BLOCK); which element arrays each kind of program reads
+and writes is read off the kernel bodies (``READS``/``WRITES``/``REREADS`` below). DRAM model:
 
 - the step starts with none of its tensors in L2; every byte written reaches DRAM once;
-  stores cover whole sectors (no read for ownership); bytes, not 32-byte sectors, are counted;
-- a pass reads each address it touches once (what --check counts);
-- a later pass's re-read of data an earlier pass touched (the apply pass re-reading V and W0
-  of a chunked group set) is served by L2 when the bytes touched in between, with programs
-  running in id order and L2 kept as LRU, fit the L2 (``--l2-mb``, default 50: H100 SXM and
-  H200); otherwise it is read from DRAM again;
-- the launches' own tables (meta rows, tile tables, per-tensor scratch, hyper parameters and
-  AMP scalars, partial sums) are counted whole, once per launch that uses them: an upper bound.
+  stores cover whole sectors (no read for ownership); bytes, not 32-byte sectors, are
+  counted (a band's short runs share sectors with the neighbouring bands, which the
+  neighbouring programs walk at the same time);
+- a walk reads each address it touches once (what --check counts);
+- a band too large for one tile is walked twice by its program, the second walk re-reading
+  V and W0. That re-read is served by the L2 when the band fits the L2 model that sized the
+  bands (kernels/rmda_grouped.py: ``rmda_grouped.PROGRAMS`` bands in flight, each holding V,
+  W0 and W, within ``L2_SHARE`` of the L2; ``--l2-mb`` sets the L2 here, 50 MB by default:
+  H100 SXM and H200); a larger band re-reads them from DRAM;
+- the launches' own tables (meta rows, task/tile tables, arrival counters, hyper parameters
+  and AMP scalars) are counted whole, once per launch: an upper bound.
 
 ``--check`` runs optimizer steps on small shapes in Triton's interpreter, counts the bytes the
-kernels load and store (benchmarks/_traffic_count.py) and compares them with this model.
+kernels load (once per address, and every load) and store (benchmarks/_traffic_count.py)
+and compares them with this model.
 """
 from __future__ import annotations
 
@@ -38,14 +42,12 @@ if __name__ == "__main__" and "--check" in sys.argv:
     # before rmda_fused imports triton: the check runs the kernels in the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import triton  # noqa: E402
-
 from rmda_fused import param_groups  # noqa: E402
 from rmda_fused.batch import StepBatch, state_dtype  # noqa: E402
 from rmda_fused.grouping import effective_grouping, group_view  # noqa: E402
-from rmda_fused.kernels import _common, rmda_elementwise, rmda_grouped, rmda_scalars  # noqa: E402
+from rmda_fused.kernels import _common, rmda_elementwise, rmda_grouped  # noqa: E402
 
-L2_MB = 50  # H100 SXM and H200 (../shared/GPU_NOTES.md)
+L2_MB = rmda_grouped.L2_BYTES / 1e6  # H100 SXM and H200 (../shared/GPU_NOTES.md)
 GROUPINGS = ("input_channel", "output_channel", "elementwise", "none")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGET_BYTES = {"fp32": 25, "bf16": 17}  # per element, bf16 params with fp32 state
@@ -55,37 +57,43 @@ LAM = 1e-4  # > 0: every regularized tensor takes its prox
 ELEMENT_ROLES = ("grad", "param", "initial", "dual")
 STATE_ROLES = ("step", "alpha", "zero_mask")
 # Which element arrays each kind of program reads and writes, as the kernel bodies in
-# kernels/ do: the plans do not say (--check counts it). "chunk" is pass 1 of a group set
-# too big for one tile, "apply" its pass 2; the zero mask is counted apart (per group).
+# kernels/ do: the plans do not say (--check counts it). A band's second walk re-reads
+# REREADS; t and A are read by every program of a tensor and written by one; the zero
+# mask is counted apart (per element for L1, per group for channel groups).
 READS = {"elementwise": ("grad", "dual", "initial", "param"),
-         "one_pass": ("grad", "dual", "initial", "param"),
-         "chunk": ("grad", "dual", "initial"),
-         "apply": ("dual", "initial", "param")}
-WRITES = {"elementwise": ("dual", "param"), "one_pass": ("dual", "param"),
-          "chunk": ("dual",), "apply": ("param",)}
+         "band": ("grad", "dual", "initial", "param")}
+WRITES = {"elementwise": ("dual", "param"), "band": ("dual", "param")}
+REREADS = ("dual", "initial")
 HYPER_BYTES = 4 * 8  # _common.Hyper: lr, c, 1 - c, lam in fp64
 AMP_SCALAR_BYTES = 3 * 8  # at most: a tensor lr, grad_scale, found_inf
+COUNTER_BYTES = 4  # one int32 arrival counter per tensor
 
 
 @dataclass
 class Pass:
-    """One launch: its kernel, its grid, and per role the bytes it reads and writes, each
-    address once. ``l2_served``: of ``read``, the re-reads the L2 model serves."""
+    """One launch: its kernel, its grid, and per role the bytes it reads (each address
+    once), loads (every load, re-reads included) and writes. ``l2_served``: of the
+    re-reads, what the L2 model serves."""
 
     kernel: str
     programs: int
     read: Counter = field(default_factory=Counter)
+    loaded: Counter = field(default_factory=Counter)
     written: Counter = field(default_factory=Counter)
     l2_served: Counter = field(default_factory=Counter)
+    two_walk_elements: int = 0
     tables_read: int = 0  # upper bounds (module docstring)
     tables_written: int = 0
 
     def dram_read(self) -> Counter:
-        return self.read - self.l2_served
+        """Each address once, plus the re-reads the L2 does not serve."""
+        rereads = Counter({r: self.loaded[r] - self.read[r] for r in ELEMENT_ROLES})
+        return self.read + (rereads - self.l2_served)
 
     def as_dict(self) -> dict:
         return dict(kernel=self.kernel, programs=self.programs, read=dict(self.read),
-                    written=dict(self.written), l2_served=dict(self.l2_served),
+                    loaded=dict(self.loaded), written=dict(self.written),
+                    l2_served=dict(self.l2_served), two_walk_elements=self.two_walk_elements,
                     tables_read=self.tables_read, tables_written=self.tables_written)
 
 
@@ -104,19 +112,21 @@ def _element_bytes(elements: float, roles: tuple[str, ...], sizes: dict[str, int
     return Counter({role: elements * sizes[role] for role in roles})
 
 
-def _state_tables(batch: StepBatch) -> tuple[int, int]:
-    """Bytes of the meta table and of the scratch rows of a bucket."""
-    n = len(batch)
-    return n * _common.NCOL.value * 8, n * _common.NSCR.value * _sizes(batch)["dual"]
-
-
-def scalars_pass(batch: StepBatch) -> Pass:
+def _scalars(batch: StepBatch, programs: int) -> tuple[Counter, Counter, Counter]:
+    """(read once, loaded, written) bytes of t and A: every program loads its tensor's, the
+    last to arrive writes them."""
     n, f = len(batch), _sizes(batch)["dual"]
-    meta, scratch = _state_tables(batch)
-    scalars = Counter(step=n * f, alpha=n * f)
-    return Pass(_name(rmda_scalars._rmda_scalars_kernel),
-                triton.cdiv(n, rmda_scalars.BLOCK_T), read=scalars, written=Counter(scalars),
-                tables_read=meta + HYPER_BYTES + AMP_SCALAR_BYTES, tables_written=scratch)
+    once = Counter(step=n * f, alpha=n * f)
+    return once, Counter(step=programs * f, alpha=programs * f), Counter(once)
+
+
+def _tables(batch: StepBatch, work_table_bytes: int) -> tuple[int, int]:
+    """(read, written) bound of a launch's tables: meta rows, its work table, the arrival
+    counters (reset by each tensor's last program), hyper parameters and AMP scalars."""
+    n = len(batch)
+    counters = n * COUNTER_BYTES
+    return (n * _common.NCOL.value * 8 + work_table_bytes + counters + HYPER_BYTES
+            + AMP_SCALAR_BYTES, counters)
 
 
 def elementwise_passes(batch: StepBatch, prox: bool) -> list[Pass]:
@@ -124,86 +134,48 @@ def elementwise_passes(batch: StepBatch, prox: bool) -> list[Pass]:
     numels = tuple(p.numel() for p in batch.params)
     tiles = rmda_elementwise._tiles(numels, block)  # (tensor, first element) per program
     covered = int((torch.tensor(numels, dtype=torch.int64)[tiles[:, 0]] - tiles[:, 1])
-                  .clamp(max=block).sum()) if len(tiles) else 0
-    meta, scratch = _state_tables(batch)
+                  .clamp(min=0, max=block).sum())
+    once, loaded, written = _scalars(batch, len(tiles))
+    tables_read, tables_written = _tables(batch, tiles.numel() * 8)
     element = Pass(_name(rmda_elementwise._rmda_elementwise_kernel), len(tiles),
-                   read=_element_bytes(covered, READS["elementwise"], sizes),
-                   written=_element_bytes(covered, WRITES["elementwise"], sizes),
-                   tables_read=meta + tiles.numel() * 8 + scratch + HYPER_BYTES)
+                   read=_element_bytes(covered, READS["elementwise"], sizes) + once,
+                   loaded=_element_bytes(covered, READS["elementwise"], sizes) + loaded,
+                   written=_element_bytes(covered, WRITES["elementwise"], sizes) + written,
+                   tables_read=tables_read, tables_written=tables_written)
     if prox:  # L1: one mask byte per element
         element.written["zero_mask"] = covered
-    return [scalars_pass(batch), element]
-
-
-def _l2_served(chunk_elements: list[float], first_touch: float, second_touch: float,
-               reread: float, l2_bytes: float) -> float:
-    """Bytes of the apply pass's re-reads that stay in L2 (module docstring): chunk k's data
-    was last touched by pass 1; before pass 2 reaches it, pass 1 touches the chunks after k
-    and pass 2 the chunks before k. Per element: ``first_touch`` bytes in pass 1,
-    ``second_touch`` in pass 2, ``reread`` of them touched by both."""
-    later = sum(chunk_elements) * first_touch
-    earlier, served = 0.0, 0.0
-    for elements in chunk_elements:
-        later -= elements * first_touch
-        if later + earlier + elements * first_touch <= l2_bytes:
-            served += elements * reread
-        earlier += elements * second_touch
-    return served
+    return [element]
 
 
 def grouped_passes(batch: StepBatch, grouping: str, l2_bytes: float) -> list[Pass]:
+    """The launch of one channel-grouped bucket: its bands as rmda_grouped.plan cuts them
+    (sized by the kernels' L2 model), one walk or two as rmda_grouped.band_layout says, and
+    the second walk's re-reads served by an L2 of ``l2_bytes`` when the band fits it."""
     sizes = _sizes(batch)
     block_r, block_l, block_g = rmda_grouped.TILES[grouping]
-    dims, one_pass, chunked, slots = rmda_grouped.plan(
-        tuple(tuple(v) for v in batch.views), block_r, block_l, block_g)
-    col = {name: getattr(rmda_grouped, name).value for name in (
-        "TILE_TENSOR", "TILE_FIRST_GROUP", "TILE_ROW_BEGIN", "TILE_ROW_END",
-        "TILE_PARTIAL_SLOT", "TILE_FIRST_SLOT")}
-
-    def group_set(tile) -> tuple[int, int]:
-        """(groups, elements) of the group set a tile row belongs to."""
-        outer, groups, inner, tile_groups = dims[tile[col["TILE_TENSOR"]]]
-        n_groups = min(tile_groups, groups - tile[col["TILE_FIRST_GROUP"]])
-        return n_groups, outer * n_groups * inner
-
-    one_groups = sum(group_set(t)[0] for t in one_pass)
-    one_elements = sum(group_set(t)[1] for t in one_pass)
-    # a chunked set is counted at its first chunk; its rows end at the last chunk's end
-    firsts = [t for t in chunked if t[col["TILE_PARTIAL_SLOT"]] == t[col["TILE_FIRST_SLOT"]]]
-    chunk_groups = sum(group_set(t)[0] for t in firsts)
-    set_rows = Counter()
-    for t in chunked:
-        key = t[col["TILE_FIRST_SLOT"]]
-        set_rows[key] = max(set_rows[key], t[col["TILE_ROW_END"]])
-    # per chunk, its share of its set's elements by rows (for the L2 model's order only)
-    chunk_elements = [group_set(t)[1] * (t[col["TILE_ROW_END"]] - t[col["TILE_ROW_BEGIN"]])
-                      / set_rows[t[col["TILE_FIRST_SLOT"]]] for t in chunked]
-    chunk_total = sum(group_set(t)[1] for t in firsts)
-
-    meta, scratch = _state_tables(batch)
-    partials = slots * block_g * sizes["dual"]
-    first = Pass(_name(rmda_grouped._rmda_grouped_kernel), len(one_pass) + len(chunked),
-                 read=(_element_bytes(one_elements, READS["one_pass"], sizes)
-                       + _element_bytes(chunk_total, READS["chunk"], sizes)),
-                 written=(_element_bytes(one_elements, WRITES["one_pass"], sizes)
-                          + _element_bytes(chunk_total, WRITES["chunk"], sizes)),
-                 tables_read=meta + (len(one_pass) + len(chunked)) * rmda_grouped.TCOL * 8
-                 + scratch + HYPER_BYTES,
-                 tables_written=partials)
-    first.written["zero_mask"] += one_groups
-    touched_by_pass_one = set(READS["chunk"]) | set(WRITES["chunk"])
-    reread = tuple(role for role in READS["apply"] if role in touched_by_pass_one)
-    apply = Pass(_name(rmda_grouped._rmda_grouped_apply_kernel), len(chunked),
-                 read=_element_bytes(chunk_total, READS["apply"], sizes),
-                 written=_element_bytes(chunk_total, WRITES["apply"], sizes),
-                 tables_read=meta + len(chunked) * rmda_grouped.TCOL * 8 + scratch
-                 + HYPER_BYTES + partials)
-    apply.written["zero_mask"] += chunk_groups
-    for role in reread:
-        apply.l2_served[role] = _l2_served(
-            chunk_elements, sum(sizes[r] for r in touched_by_pass_one),
-            sum(sizes[r] for r in READS["apply"]), sizes[role], l2_bytes)
-    return [scalars_pass(batch), first, apply]
+    dims, tasks = rmda_grouped.plan(tuple(tuple(v) for v in batch.views), block_l, block_g,
+                                    rmda_grouped.bucket_band_budget(batch))
+    fits = rmda_grouped.bucket_band_budget(batch, l2_bytes)
+    elements = two_walk = served = groups = 0
+    for tensor, _, n_groups, _ in tasks:
+        outer, _, inner, _ = dims[tensor]
+        band = outer * n_groups * inner
+        elements, groups = elements + band, groups + n_groups
+        if rmda_grouped.band_layout(outer, inner, n_groups, block_l)[-1] > block_r:
+            two_walk += band
+            served += band if band <= fits else 0
+    once, loaded, written = _scalars(batch, len(tasks))
+    tables_read, tables_written = _tables(batch, len(tasks) * rmda_grouped.TCOL.value * 8)
+    band = Pass(_name(rmda_grouped._rmda_grouped_kernel),
+                min(len(tasks), rmda_grouped.PROGRAMS),
+                read=_element_bytes(elements, READS["band"], sizes) + once,
+                loaded=(_element_bytes(elements, READS["band"], sizes)
+                        + _element_bytes(two_walk, REREADS, sizes) + loaded),
+                written=_element_bytes(elements, WRITES["band"], sizes) + written,
+                l2_served=_element_bytes(served, REREADS, sizes), two_walk_elements=two_walk,
+                tables_read=tables_read, tables_written=tables_written)
+    band.written["zero_mask"] = groups
+    return [band]
 
 
 def step_batches(groups: list[dict]) -> list[tuple[str, StepBatch]]:
@@ -233,15 +205,15 @@ def step_batches(groups: list[dict]) -> list[tuple[str, StepBatch]]:
 
 
 def step_passes(groups: list[dict], l2_bytes: float) -> list[Pass]:
-    """The launches of one optimizer step over ``groups``, in order: a pass with no program
-    is not launched (both wrappers skip an empty grid)."""
+    """The launches of one optimizer step over ``groups``, in order (every bucket has at
+    least one program: an empty tensor's advances its t and A)."""
     passes = []
     for grouping, batch in step_batches(groups):
         if grouping in ("none", "elementwise"):
             passes += elementwise_passes(batch, prox=grouping == "elementwise")
         else:
             passes += grouped_passes(batch, grouping, l2_bytes)
-    return [p for p in passes if p.programs]
+    return passes
 
 
 def sgd_bytes(dtype: torch.dtype) -> int:
@@ -263,13 +235,10 @@ def row(passes: list[Pass], numel: int, grouping: str, dtype_name: str) -> dict:
     written = sum(sum(p.written.values()) + p.tables_written for p in passes)
     total = (read + written) / numel
     sgd = sgd_bytes(DTYPES[dtype_name])
-    apply = _name(rmda_grouped._rmda_grouped_apply_kernel)
-    # W0 is read by the first pass over every element, and again by an apply pass
-    second = sum(p.read["initial"] for p in passes if p.kernel == apply)
-    first = sum(p.read["initial"] for p in passes if p.kernel != apply)
+    two_walk = sum(p.two_walk_elements for p in passes)
     return dict(grouping=grouping, dtype=dtype_name, read=read / numel,
                 written=written / numel, total=total, tables=tables / numel,
-                launches=len(passes), two_pass_share=second / first if first else 0.0,
+                launches=len(passes), two_walk_share=two_walk / numel,
                 sgd=sgd, ratio_to_sgd=total / sgd,
                 meets_bytes=total <= TARGET_BYTES[dtype_name],
                 meets_launches=len(passes) <= TARGET_LAUNCHES,
@@ -300,16 +269,18 @@ def print_table(result: dict) -> None:
           "the rest 'none'); bf16 rows: bf16 params, fp32 state")
     print(f"Triton backend's kernels, modelled from their work plans (not measured): DRAM "
           f"bytes with a {result['l2_bytes'] / 1e6:g} MB L2 (benchmarks/traffic.py states the "
-          "model); torch ops that optimizer.step() may run besides them are not included")
+          "model); torch ops that optimizer.step() may run besides them are not included; "
+          "2-walk elts: share of the elements in bands walked twice (their V and W0 re-read, "
+          "from L2 where the band fits it)")
     print(f"{'grouping':15s} {'dtype':5s} {'read B/elt':>10s} {'written B/elt':>13s} "
-          f"{'total':>7s} {'2-pass elts':>11s} {'launches/step':>13s} {'x SGD':>6s}")
+          f"{'total':>7s} {'2-walk elts':>11s} {'launches/step':>13s} {'x SGD':>6s}")
     for r in result["rows"]:
         print(f"{r['grouping']:15s} {r['dtype']:5s} {r['read']:10.2f} {r['written']:13.2f} "
-              f"{r['total']:7.2f} {100 * r['two_pass_share']:10.0f}% {r['launches']:13d} "
+              f"{r['total']:7.2f} {100 * r['two_walk_share']:10.0f}% {r['launches']:13d} "
               f"{r['ratio_to_sgd']:5.2f}x")
     tables = [r["tables"] for r in result["rows"]]
     print(f"the totals include {min(tables):.3f}-{max(tables):.3f} B/elt of the launches' own "
-          "tables (meta rows, tile tables, scratch, partial sums; counted whole: a bound)")
+          "tables (meta rows, task/tile tables, arrival counters; counted whole: a bound)")
     floor, sgd = result["floor"], result["sgd"]
     print(f"RMDA floor: fp32 {floor['fp32']} B/elt ({floor['fp32'] / sgd['fp32']:.2f}x), bf16 "
           f"{floor['bf16']} B/elt ({floor['bf16'] / sgd['bf16']:.2f}x); torch fused momentum "

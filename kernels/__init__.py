@@ -2,12 +2,13 @@
 
 One kernel family per module, each with its Python wrapper beside it:
 
-- :mod:`.rmda_scalars`: per-tensor t, A and the step's scalars (launched first);
+- :mod:`.rmda_scalars`: per-tensor t, A and the step's scalars, as helpers the element
+  kernels call and as a launch of its own that fills a scratch table;
 - :mod:`.rmda_elementwise`: grouping ``none`` and ``elementwise`` (L1);
 - :mod:`.rmda_grouped`: ``input_channel`` / ``output_channel`` group LASSO.
 
 The step wrappers take a :class:`rmda_fused.batch.StepBatch` of one bucket (one device, one
-dtype per list, see ``StepBatch.buckets``) and launch each kernel once for all of it.
+dtype per list, see ``StepBatch.buckets``) and make one launch for all of it.
 """
 from .rmda_coupled import rmda_apply_step_, rmda_partials_step_
 from .rmda_elementwise import rmda_elementwise_step_

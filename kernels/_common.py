@@ -1,5 +1,6 @@
-"""What the RMDA Triton kernels share: the per-tensor pointer table and its cache, the
-column names of the tables they pass each other, and the exact-rounding helpers.
+"""What the RMDA Triton kernels share: the per-tensor pointer table and its cache (with the
+arrival counters), the column names of the tables, the alignment hints and the
+exact-rounding helpers.
 
 Every kernel receives one int64 ``meta`` table with a row per tensor (the columns below),
 so a whole dtype bucket of parameters is updated by one launch, whatever the shapes.
@@ -23,14 +24,18 @@ COL_P, COL_G, COL_W0, COL_V, COL_MASK, COL_STEP, COL_ALPHA = map(tl.constexpr, r
 COL_D0, COL_D1, COL_D2, COL_D3 = map(tl.constexpr, range(7, 11))
 NCOL = tl.constexpr(12)  # one spare column keeps rows 96 bytes apart
 
-# columns of the per-tensor scratch the scalars kernel writes (state dtype) for the element
-# kernels: beta = sqrt(t), the weight of g in V += weight * g (s / grad_scale), the prox
-# threshold tau, and 1.0 for a step that found_inf skips
+# columns of the per-tensor scratch that rmda_scalars_ writes (state dtype) for kernels that
+# read their scalars from it: beta = sqrt(t), the weight of g in V += weight * g
+# (s / grad_scale), the prox threshold tau, and 1.0 for a step that found_inf skips
 SCR_BETA, SCR_GRAD_WEIGHT, SCR_TAU, SCR_SKIP = map(tl.constexpr, range(4))
 NSCR = tl.constexpr(4)
 
 # the hyper tensor (fp64 on the device): lr, c, 1 - c, lam
 HYP_LR, HYP_C, HYP_ONE_MINUS_C, HYP_LAM = map(tl.constexpr, range(4))
+
+# ALIGNED kernels promise the compiler runs of VECTOR elements that start on a multiple of
+# VECTOR elements of arrays on 16 bytes: 128-bit accesses for fp32, 64-bit for bf16
+VECTOR = tl.constexpr(4)
 
 TORCH_TO_TL = {
     torch.float32: tl.float32,
@@ -51,6 +56,32 @@ def div_exact(a, b, FP64: tl.constexpr):
 @triton.jit
 def sqrt_exact(x, FP64: tl.constexpr):
     return tl.sqrt(x) if FP64 else tl.sqrt_rn(x)
+
+
+@triton.jit
+def element_pointers(tensor_row, P: tl.constexpr, G: tl.constexpr, I: tl.constexpr,
+                     F: tl.constexpr):
+    """The (W, g, W0, V) data pointers of a meta row, typed."""
+    return (tl.load(tensor_row + COL_P).to(tl.pointer_type(P)),
+            tl.load(tensor_row + COL_G).to(tl.pointer_type(G)),
+            tl.load(tensor_row + COL_W0).to(tl.pointer_type(I)),
+            tl.load(tensor_row + COL_V).to(tl.pointer_type(F)))
+
+
+# Hints for ALIGNED kernels: a pointer read from a table carries no alignment the compiler
+# could see, so each array's pointers at ``offs`` are declared to hold aligned runs of
+# VECTOR elements on 16 bytes. (All four arrays in one call: the interpreter makes each
+# call of a jitted helper slowly.)
+@triton.jit
+def vector_pointers(pointers, offs, ALIGNED: tl.constexpr):
+    """(W, g, W0, V) pointers at 1-D ``offs``."""
+    p, g, w0, v = pointers[0] + offs, pointers[1] + offs, pointers[2] + offs, pointers[3] + offs
+    if ALIGNED:
+        p = tl.max_contiguous(tl.multiple_of(p, 16), VECTOR)
+        g = tl.max_contiguous(tl.multiple_of(g, 16), VECTOR)
+        w0 = tl.max_contiguous(tl.multiple_of(w0, 16), VECTOR)
+        v = tl.max_contiguous(tl.multiple_of(v, 16), VECTOR)
+    return p, g, w0, v
 
 
 @triton.jit
@@ -155,6 +186,24 @@ def cached_meta(kind: Hashable, batch: StepBatch, dims: Sequence[tuple[int, ...]
     """
     key = (kind, str(device), tuple(dims), tuple(_pointer_columns(batch)))
     return _META_CACHE.get(key, lambda: meta_table(batch, dims, device))
+
+
+def cached_meta_and_counters(kind: Hashable, batch: StepBatch,
+                             dims: Sequence[tuple[int, ...]], device: torch.device):
+    """:func:`cached_meta` and, cached with it, one zeroed int32 arrival counter per tensor
+    (rmda_scalars.tensor_step_scalars). A kernel leaves its counters at 0 again, and one
+    parameter list never shares counters with another (the key holds its pointers)."""
+    key = ("counted", kind, str(device), tuple(dims), tuple(_pointer_columns(batch)))
+    return _META_CACHE.get(key, lambda: (
+        meta_table(batch, dims, device),
+        torch.zeros(max(len(batch), 1), dtype=torch.int32, device=device)))
+
+
+def pointers_aligned(batch: StepBatch, alignment: int = 16) -> bool:
+    """Whether every element array of the batch (W, g, W0, V) starts on ``alignment`` bytes."""
+    return all(t.data_ptr() % alignment == 0
+               for arrays in (batch.params, batch.grads, batch.initials, batch.duals)
+               for t in arrays)
 
 
 class Hyper:

@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 
 from benchmarks import _traffic_count as count  # noqa: E402
 from benchmarks import traffic  # noqa: E402
+from rmda_fused.kernels import rmda_grouped  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -60,26 +61,36 @@ def _bytes_per_element(passes: list[traffic.Pass], numel: int) -> float:
     return sum(sum(p.dram_read().values()) + sum(p.written.values()) for p in passes) / numel
 
 
-def test_second_pass_rereads_dram_only_past_l2():
-    # 4096 x 4096 input_channel: O > 64 rows, so every group set takes two passes; its
-    # 268 MB of fp32 elements exceed 50 MB of L2 but not 1 TB. Besides the elements: one
-    # mask byte per group, t and A.
+def test_second_walk_rereads_dram_only_past_the_l2_model():
+    # 4096 x 4096 input_channel: a group (a column, 4096 elements) fits the band budget
+    # alone, so a band is one group: 4096 rows of one element, 128 tile rows > 64, walked
+    # twice. With a 50 MB L2 the re-read of V and W0 hits, with 1 MB it does not. Besides
+    # the elements: one mask byte per group, t and A read and written.
     groups = _linear_groups(4096, 4096, "input_channel")
     numel, state = 4096 * 4096, 4096 + 2 * 4 * 2
-    small_l2 = traffic.step_passes(groups, 50e6)
-    huge_l2 = traffic.step_passes(groups, 1e12)
-    assert [p.kernel for p in small_l2] == [
-        "_rmda_scalars_kernel", "_rmda_grouped_kernel", "_rmda_grouped_apply_kernel"]
-    # L2 holds it all: the floor, 24 B; else the apply pass reads V and W0 again, 32 B
-    assert _bytes_per_element(huge_l2, numel) == pytest.approx(24 + state / numel)
+    small_l2 = traffic.step_passes(groups, 1e6)
+    l2 = traffic.step_passes(groups, 50e6)
+    assert [p.kernel for p in l2] == ["_rmda_grouped_kernel"]
+    assert l2[0].programs == rmda_grouped.PROGRAMS and l2[0].two_walk_elements == numel
+    assert _bytes_per_element(l2, numel) == pytest.approx(24 + state / numel)
     assert _bytes_per_element(small_l2, numel) == pytest.approx(32 + state / numel)
 
 
-def test_one_pass_layer_moves_the_floor():
-    # 64 x 4096 input_channel: each group set fits one tile, one pass, 24 B/elt in fp32
+def test_group_past_the_band_budget_rereads_dram():
+    # input_channel groups of 20000 rows: more than the band budget of 50 MB, one group per
+    # band, the second walk from DRAM
+    outer = 20000
+    assert outer > rmda_grouped.band_budget(rmda_grouped.band_footprint(4, 4, 4))
+    passes = traffic.step_passes(_linear_groups(outer, 4, "input_channel"), 50e6)
+    assert _bytes_per_element(passes, 4 * outer) == pytest.approx(32 + (4 + 16) / (4 * outer))
+
+
+def test_one_walk_layer_moves_the_floor():
+    # 64 x 4096 input_channel: bands of 32 groups, 64 rows: one tile, one walk, 24 B in fp32
     numel, state = 64 * 4096, 4096 + 2 * 4 * 2
     passes = traffic.step_passes(_linear_groups(64, 4096, "input_channel"), 50e6)
-    assert [p.kernel for p in passes] == ["_rmda_scalars_kernel", "_rmda_grouped_kernel"]
+    assert [p.kernel for p in passes] == ["_rmda_grouped_kernel"]
+    assert passes[0].two_walk_elements == 0 and passes[0].programs == 4096 // 32
     assert _bytes_per_element(passes, numel) == pytest.approx(24 + state / numel)
 
 
@@ -96,6 +107,10 @@ def test_table_for_a_torchvision_model(tmp_path, capsys):
     assert rows["none", "fp32"]["total"] == pytest.approx(24.0, abs=0.05)
     assert rows["none", "bf16"]["total"] == pytest.approx(16.0, abs=0.05)
     assert rows["none", "fp32"]["ratio_to_sgd"] == pytest.approx(1.2, abs=0.01)
-    # two param groups (weights, the rest), each a scalars and an element launch
-    assert rows["none", "fp32"]["launches"] == 4
+    # two param groups (weights, the rest), one launch each, in every grouping; channel
+    # groups at the floor too (every band's second walk fits the L2 model)
+    assert {r["launches"] for r in rows.values()} == {2}
+    for grouping in ("input_channel", "output_channel"):
+        assert rows[grouping, "fp32"]["total"] == pytest.approx(24.0, abs=0.05)
+        assert rows[grouping, "bf16"]["total"] == pytest.approx(16.0, abs=0.05)
     assert "targets: <= 25 B/elt fp32" in printed

@@ -1,8 +1,8 @@
 """Triton backend: the whole RMDA step fused, multi-tensor (kernels in rmda_fused.kernels).
 
-Per dtype bucket: one tiny launch for the per-tensor scalars (t, A, beta, s, tau), then one
-launch for every element (grouping none/elementwise, or channel groups that fit a tile),
-plus one apply launch only when some group set is too big for one tile.
+One launch per dtype bucket, which also advances every tensor's t and A: grouping
+none/elementwise in tiles of contiguous elements, channel groups in bands of consecutive
+groups with all their rows (one DRAM pass; kernels/rmda_grouped.py states the L2 model).
 No host sync: lr (a float is written to a small device tensor), grad_scale and found_inf are
 read by the kernels from device memory, and a step with found_inf set changes nothing.
 Runs on CUDA tensors; on CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1 when

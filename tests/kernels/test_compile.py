@@ -5,7 +5,9 @@ rejects (a variable whose type differs between the branches of a runtime ``if``,
 that is not a constexpr, ...). Here each kernel is compiled ahead of time to a cubin with
 triton's bundled ptxas, in a subprocess that imports the kernels without TRITON_INTERPRET,
 and, where cuobjdump is bundled, the fp32/bf16 variants are checked not to spill registers
-(fp64 ones may: twice the registers per value, and fp64 is not the fast path).
+(fp64 ones may: twice the registers per value, and fp64 is not the fast path). The PTX is
+checked for what the interpreter cannot show: 128-bit loads in the ALIGNED variants, and a
+barrier between the loads of t and A and the one-thread arrival at the tensor's counter.
 """
 from __future__ import annotations
 
@@ -26,8 +28,10 @@ SCRIPT = textwrap.dedent('''
     from rmda_fused.kernels import rmda_elementwise as E, rmda_grouped as G, rmda_scalars as S
     assert backend.unavailable_reason() is None or "CUDA" in backend.unavailable_reason()
     target = GPUTarget("cuda", 90, 32)
-    POINTERS = {"meta": "*i64", "tiles": "*i64", "hyper": "*fp64", "lr_ptr": "*fp32",
-                "scale_ptr": "*fp32", "inf_ptr": "*fp32", "n_tensors": "i32"}
+    POINTERS = {"meta": "*i64", "tiles": "*i64", "tasks": "*i64", "counters": "*i32",
+                "hyper": "*fp64", "lr_ptr": "*fp32", "scale_ptr": "*fp32", "inf_ptr": "*fp32",
+                "n_tensors": "i32", "n_tasks": "i32"}
+    AMP = dict(HAS_LR_TENSOR=True, HAS_SCALE=True, HAS_INF=True)
 
     def compile(kernel, fp64, num_warps, **constexprs):
         state = "*fp64" if fp64 else "*fp32"
@@ -45,6 +49,22 @@ SCRIPT = textwrap.dedent('''
             print("USAGE", kernel.__name__, fp64, " ".join(usage.split()[-12:]))
         return compiled
 
+    def vector_loads(compiled):  # 128-bit (v4 of 32 bits) and 64-bit global loads
+        ptx = compiled.asm["ptx"]
+        return ptx.count("ld.global.v4.b32"), ptx.count("ld.global.v2.b32")
+
+    def arrival_after_barrier(compiled):
+        """Whether the arrival (one thread's acq_rel atomic) follows a barrier with no global
+        load between them: every thread's load of the old t and A precedes the release."""
+        lines = compiled.asm["ptx"].splitlines()
+        atoms = [i for i, line in enumerate(lines) if "atom.global.gpu.acq_rel.add" in line]
+        if len(atoms) != 1:
+            return False
+        before = lines[:atoms[0]]
+        barriers = [i for i, line in enumerate(before) if "bar.sync" in line]
+        return bool(barriers) and not any("ld.global" in line
+                                          for line in before[barriers[-1]:])
+
     for fp64, P in ((False, tl.float32), (False, tl.bfloat16), (True, tl.float64)):
         F = tl.float64 if fp64 else tl.float32
         for has_lr_tensor in (False, True):
@@ -52,13 +72,19 @@ SCRIPT = textwrap.dedent('''
                     HAS_LR_TENSOR=has_lr_tensor, HAS_SCALE=True, HAS_INF=True,
                     BLOCK=S.BLOCK_T)
         for prox in (False, True):
-            compile(E._rmda_elementwise_kernel, fp64, 8, P=P, G=P, I=P, F=F, FP64=fp64,
-                    PROX=prox, RTNE=False, BLOCK=E.BLOCK)
-        for br, bl, bg in G.TILES.values():
-            tiles = dict(P=P, I=P, F=F, FP64=fp64, TCOL=G.TCOL, RTNE=False, BLOCK_R=br,
-                         BLOCK_L=bl, BLOCK_G=bg)
-            compile(G._rmda_grouped_kernel, fp64, 8, G=P, **tiles)
-            compile(G._rmda_grouped_apply_kernel, fp64, 8, **tiles)
+            for aligned in (False, True):
+                k = compile(E._rmda_elementwise_kernel, fp64, 8, P=P, G=P, I=P, F=F,
+                            FP64=fp64, **AMP, PROX=prox, RTNE=False, ALIGNED=aligned,
+                            BLOCK=E.BLOCK)
+                print("VECTOR elementwise", P, prox, aligned, *vector_loads(k))
+                assert arrival_after_barrier(k), "elementwise: a load may follow the arrival"
+        for grouping, (br, bl, bg) in G.TILES.items():
+            for aligned in (False, True):
+                k = compile(G._rmda_grouped_kernel, fp64, 8, P=P, G=P, I=P, F=F, FP64=fp64,
+                            **AMP, RTNE=False, ALIGNED=aligned, BLOCK_R=br, BLOCK_L=bl,
+                            BLOCK_G=bg)
+                print("VECTOR", grouping, P, False, aligned, *vector_loads(k))
+                assert arrival_after_barrier(k), "grouped: a load may follow the arrival"
     print("COMPILED")
 ''')
 
@@ -77,4 +103,14 @@ def test_kernels_compile_for_sm90():
         if line.startswith("USAGE") and " False " in line:  # fp32 / bf16 state
             stack = re.search(r"STACK:(\d+)", line)
             assert stack and int(stack.group(1)) == 0, f"register spills: {line}"
+    # ALIGNED kernels load 128 bits at a time where the dtype allows it (fp32 arrays: v4 of
+    # 32 bits; bf16 W, g, W0: 64 bits, beside fp32 V's 128), the others 32 bits at most
+    vectors = {tuple(line.split()[1:5]): tuple(map(int, line.split()[5:]))
+               for line in run.stdout.splitlines() if line.startswith("VECTOR")}
+    assert len(vectors) == 3 * 2 * 4, sorted(vectors)
+    for (kernel, dtype, _, aligned), (v4, v2) in vectors.items():
+        if aligned == "False":
+            assert v4 == v2 == 0, f"{kernel} {dtype}: vector loads without ALIGNED"
+        elif dtype in ("fp32", "bf16"):
+            assert v4 > 0, f"{kernel} {dtype}: no 128-bit load with ALIGNED"
 

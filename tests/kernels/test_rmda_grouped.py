@@ -7,9 +7,11 @@ import torch
 
 from kernel_testing import Float64, Params, check_close, grads_for, reference_step
 
-CONV_SHAPES = [(6, 4, 3, 3), (5, 3, 1, 1), (10, 12), (7, 5, 3, 3), (0, 3, 3, 3), (4, 0)]
-# (BLOCK_R, BLOCK_L): the defaults, and tiny tiles that send every group set of these small
-# shapes through the two-pass path (row chunks, partial sums, apply kernel)
+# (4, 2, 7, 7): input_channel runs of 49 > BLOCK_L cut into pieces (both tiles)
+CONV_SHAPES = [(6, 4, 3, 3), (5, 3, 1, 1), (10, 12), (7, 5, 3, 3), (0, 3, 3, 3), (4, 0),
+               (4, 2, 7, 7)]
+# (BLOCK_R, BLOCK_L, BLOCK_G): the defaults, and tiny tiles that make most bands of these
+# small shapes span several tiles (two walks; runs packed side by side or in pieces)
 TILES = [None, (2, 16, 4)]
 
 
@@ -113,7 +115,7 @@ def test_grad_scale_and_found_inf(device):
 def test_launch_budget_and_no_respecialization(device, monkeypatch):
     """lr moves every step: the kernels must see the same non-tensor arguments each time
     (nothing lr-dependent is a constexpr or a specialized scalar), so they never recompile."""
-    from rmda_fused.kernels import rmda_grouped, rmda_scalars
+    from rmda_fused.kernels import rmda_grouped
 
     seen = []
 
@@ -129,9 +131,7 @@ def test_launch_budget_and_no_respecialization(device, monkeypatch):
             return launch
 
     kernels = []
-    for module, name in ((rmda_grouped, "_rmda_grouped_kernel"),
-                         (rmda_grouped, "_rmda_grouped_apply_kernel"),
-                         (rmda_scalars, "_rmda_scalars_kernel")):
+    for module, name in ((rmda_grouped, "_rmda_grouped_kernel"),):
         kernels.append(getattr(module, name))
         monkeypatch.setattr(module, name, Spy(kernels[-1]))
 
@@ -146,14 +146,48 @@ def test_launch_budget_and_no_respecialization(device, monkeypatch):
     gen = torch.Generator().manual_seed(4)
     for k, lr in enumerate((0.1, 0.05, 0.013, torch.tensor(0.02, device=device))):
         seen.clear()
-        assert small.step(grads_for(small, gen), lr=lr) == 2  # scalars + one pass
+        assert small.step(grads_for(small, gen), lr=lr) == 1  # one-walk bands
         first = list(seen)
-        assert big.step(grads_for(big, gen), lr=lr) == 3  # scalars + pass 1 + apply
+        assert big.step(grads_for(big, gen), lr=lr) == 1  # two-walk bands, same launch
         if k == 0:
             signature, variants = first, compiled()
         elif not isinstance(lr, torch.Tensor):
             assert first == signature, "an lr change altered the kernel arguments"
             assert compiled() == variants, "an lr change compiled a new kernel variant"
+
+
+@pytest.mark.parametrize("grouping", ["input_channel", "output_channel"])
+def test_result_does_not_depend_on_task_order_or_grid(device, grouping, monkeypatch):
+    """The task table reversed and walked by 2 programs (the interpreter runs programs in
+    id order: the task of each tensor that arrives last, and so writes t and A, changes):
+    every step bit for bit the same as in plan order, t and A advanced once per step."""
+    from rmda_fused.kernels import rmda_grouped
+
+    monkeypatch.setattr(rmda_grouped, "TILES", {g: (2, 16, 4) for g in rmda_grouped.TILES})
+    shapes = [(6, 4, 3, 3), (10, 12), (4, 0), (5, 3, 1, 1)]
+    in_order = Params(shapes, grouping, device=device, zero_channel=True)
+    permuted = in_order.clone()
+    gen = torch.Generator().manual_seed(11)
+    plan = rmda_grouped.plan
+
+    def reversed_plan(*args):
+        dims, tasks = plan(*args)
+        return dims, tasks[::-1]
+
+    for k in range(3):
+        grads = grads_for(in_order, gen)
+        rmda_grouped._PLAN_CACHE.clear()
+        in_order.step(grads)
+        rmda_grouped._PLAN_CACHE.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(rmda_grouped, "plan", reversed_plan)
+            patch.setattr(rmda_grouped, "PROGRAMS", 2)
+            permuted.step(grads)
+        for key in ("p", "v", "t", "a", "m"):
+            for x, y in zip(getattr(in_order, key), getattr(permuted, key)):
+                assert torch.equal(x, y), f"step {k}: {key} differs"
+        assert [float(t) for t in permuted.t] == [k + 1.0] * len(shapes)
+    rmda_grouped._PLAN_CACHE.clear()
 
 
 @pytest.mark.parametrize("grouping", ["input_channel", "output_channel"])
@@ -180,3 +214,34 @@ def test_channels_last_in_the_grouped_kernels(device, grouping, monkeypatch):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
     for mine, theirs in zip(params.m, expected.m):
         assert torch.equal(mine, theirs)
+
+
+@pytest.mark.parametrize("grouping", ["input_channel", "output_channel"])
+def test_aligned_bucket(device, grouping, monkeypatch):
+    """Shapes whose runs, strides and band offsets are multiples of 4 on 16-byte arrays take
+    the ALIGNED variant (the hints that let the compiler vectorize), with the same result;
+    one odd run makes the whole bucket unaligned."""
+    from rmda_fused.kernels import rmda_grouped
+
+    chosen = []
+    kernel = rmda_grouped._rmda_grouped_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                chosen.append(kwargs["ALIGNED"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(rmda_grouped, "_rmda_grouped_kernel", Spy())
+    for shapes, aligned in (([(8, 4, 2, 2), (12, 8)], True), ([(8, 4, 2, 2), (5, 3)], False)):
+        params = Params(shapes, grouping, device=device)
+        expected = params.clone()
+        gen = torch.Generator().manual_seed(12)
+        for _ in range(3):
+            grads = grads_for(params, gen)
+            params.step(grads)
+            reference_step(expected, grads)
+        assert chosen[-3:] == [aligned] * 3
+        for mine, theirs in zip(params.p, expected.p):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
