@@ -207,6 +207,7 @@ def test_the_functional_step_refuses_coupled_groups():
             lam=0.1, grouping="coupled")
 
 
+@pytest.mark.filterwarnings("ignore:RMDA. momentum c=1.0")
 def test_group_sizes_weight_the_threshold():
     """|G| counts the entries of every member: one group over a (4, 1) and a (12, 1) column
     has 16 entries, so its threshold is tau * 4."""
