@@ -35,9 +35,9 @@ from torch import Tensor, nn
 
 __all__ = ["TorchPruningError", "TracedModel", "CoupledSet", "ColumnGroups", "import_torch_pruning",
            "dependency_graph", "coupled_sets", "column_groups", "channel_groups",
-           "is_dense_consumer"]
+           "is_dense_consumer", "zero_groups_"]
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVS = nn.modules.conv._ConvNd
 
 
 class TorchPruningError(RuntimeError):
@@ -213,3 +213,11 @@ def channel_groups(model: nn.Module, example_inputs: Any, params: list[nn.Parame
     (dense conv/linear weights of ``model``): their column ids, renumbered to 0..n-1."""
     groups = column_groups(model, example_inputs)
     return _compact([groups.ids[p] for p in params]).ids
+
+
+@torch.no_grad()
+def zero_groups_(groups: ColumnGroups, which: Tensor) -> None:
+    """Zero every column of the groups where the bool mask ``which`` (one per group id) is
+    set, in place: the pattern a ``grouping="coupled"`` prox step leaves when it zeroes them."""
+    for weight, ids in groups.ids.items():
+        weight[:, which[ids].to(weight.device)] = 0
