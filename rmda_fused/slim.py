@@ -42,8 +42,8 @@ from .coupling import (CoupledSet, TorchPruningError, coupled_sets, dependency_g
                        import_torch_pruning, is_dense_consumer, torch_pruning_step)
 from .grouping import zero_group_mask
 
-__all__ = ["SelectInputs", "SlimError", "slim", "compare", "export_slim", "latencies_ms",
-           "EXACT_RTOL"]
+__all__ = ["SelectInputs", "SlimError", "slim", "with_select_inputs", "compare", "measure",
+           "export_slim", "latencies_ms", "EXACT_RTOL"]
 
 SlimError = TorchPruningError
 
@@ -81,6 +81,14 @@ def _removable(coupled: CoupledSet) -> tuple[list[int], int]:
     if len(ignored) == coupled.size:
         return ignored[1:], 1  # a layer keeps >= 1 channel
     return ignored, 0
+
+
+def with_select_inputs(slimmed: nn.Module) -> nn.Module:
+    """A copy of a model ``slim(..., select_inputs=False)`` returned, its consumers with zero
+    columns left wrapped in :class:`SelectInputs` (what ``select_inputs=True`` returns)."""
+    selecting = copy.deepcopy(slimmed)
+    selecting.slim_selected_inputs = _select_inputs(selecting)
+    return selecting
 
 
 @torch.no_grad()
@@ -163,9 +171,11 @@ def _size(model: nn.Module, one_input: Tensor) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def _measure(dense: nn.Module, models: dict[str, nn.Module], inputs: Tensor,
-             repeats: int) -> dict[str, dict[str, Any]]:
-    """Size, latency and output difference from ``dense`` of ``dense`` and each model."""
+def measure(dense: nn.Module, models: dict[str, nn.Module], inputs: Tensor,
+            repeats: int = 20) -> dict[str, dict[str, Any]]:
+    """Parameters, MACs per image, latency (:func:`latencies_ms`) and output difference from
+    ``dense`` on ``inputs`` of ``dense`` (key ``"dense"``) and of each of ``models``; a model
+    is ``exact`` when its difference is <= ``EXACT_RTOL`` times the largest dense output."""
     models = {"dense": dense.eval(), **{name: m.eval() for name, m in models.items()}}
     ref = dense(inputs)
     latency = latencies_ms(models, inputs, repeats)
@@ -197,7 +207,7 @@ def _before_after(before: dict[str, Any], after: dict[str, Any], inputs: Tensor)
 def compare(original: nn.Module, slimmed: nn.Module, inputs: Tensor, repeats: int = 20) -> dict[str, Any]:
     """Parameters, MACs per image and latency of both models, and how far their outputs
     differ on ``inputs`` (both in eval mode)."""
-    measured = _measure(original, {"slim": slimmed}, inputs, repeats)
+    measured = measure(original, {"slim": slimmed}, inputs, repeats)
     return _before_after(measured["dense"], measured["slim"], inputs)
 
 
@@ -214,11 +224,10 @@ def export_slim(model: nn.Module, inputs: Tensor, path: str | Path, repeats: int
     path = Path(path)
     plain = slim(model, inputs[:1], select_inputs=False)
     candidates = {"slim": plain}
-    selecting = copy.deepcopy(plain)
-    selecting.slim_selected_inputs = _select_inputs(selecting)
+    selecting = with_select_inputs(plain)
     if selecting.slim_selected_inputs:  # else it is the same model as "slim"
         candidates["slim_select_inputs"] = selecting
-    measured = _measure(model, candidates, inputs, repeats)
+    measured = measure(model, candidates, inputs, repeats)
     exact = [name for name, m in measured.items() if m["exact"]]
     chosen = min(exact, key=lambda name: measured[name]["latency_ms"])
     saved = model if chosen == "dense" else candidates[chosen]

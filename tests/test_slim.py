@@ -177,3 +177,28 @@ def test_a_set_whose_channels_are_all_zero_keeps_one():
     assert (slimmed.slim_removed_channels, slimmed.slim_kept_channels) == (7 + 15, 1)
     report = compare(model, slimmed, x, repeats=1)
     assert report["max_abs_diff"] <= EXACT_RTOL * report["max_abs_output"]
+
+
+def test_slim_report_script_runs_end_to_end(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "benchmarks.slim_report", "--out", str(tmp_path),
+           "--models", "mobilenet_v3_small", "--fractions", "0.5", "--batch", "2",
+           "--image-size", "32", "--repeats", "1"]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert {"cpu", "cpu_cores", "torch", "date"} <= set(result["machine"])
+    coupled, independent = result["rows"]
+    assert coupled["setting"] == "coupled 50%" and set(coupled["slim"]) == {"slim"}
+    slimmed = coupled["slim"]["slim"]
+    assert slimmed["removed_channels"] == coupled["zero_groups"] == coupled["groups"] // 2
+    assert slimmed["selected_inputs"] == 0 and slimmed["exact"]
+    assert set(independent["slim"]) == {"slim", "slim_select_inputs"}
+    assert independent["slim"]["slim_select_inputs"]["selected_inputs"] > 0
+    report = (tmp_path / "report.md").read_text()
+    assert "coupled 50%" in report and "input_channel 50% per layer" in report
