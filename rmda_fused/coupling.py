@@ -153,7 +153,7 @@ def coupled_sets(traced: TracedModel) -> list[CoupledSet]:
     """The coupled sets of a traced model; disjoint (each channel in one set at most)."""
     with torch_pruning_step(traced.graph.model, "grouping coupled channels"):
         groups = list(traced.graph.get_all_groups())
-    return [s for s in map(lambda g: _coupled_set(traced, g), groups) if s is not None]
+    return [s for s in (_coupled_set(traced, g) for g in groups) if s is not None]
 
 
 class ColumnGroups(NamedTuple):

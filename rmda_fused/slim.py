@@ -43,7 +43,7 @@ from .coupling import (CoupledSet, TorchPruningError, coupled_sets, dependency_g
 from .grouping import zero_group_mask
 
 __all__ = ["SelectInputs", "SlimError", "slim", "with_select_inputs", "compare", "measure",
-           "export_slim", "latencies_ms", "EXACT_RTOL"]
+           "export_slim", "latencies_ms", "pass_times_ms", "EXACT_RTOL"]
 
 SlimError = TorchPruningError
 
@@ -146,10 +146,11 @@ def slim(model: nn.Module, example_inputs: Tensor, select_inputs: bool = True) -
 
 
 @torch.inference_mode()
-def latencies_ms(models: dict[str, nn.Module], inputs: Tensor, repeats: int = 20,
-                 warmup: int = 3) -> dict[str, float]:
-    """Median wall time of one forward pass of each model, in milliseconds. The models take
-    turns, pass by pass, so a change in the load of a shared machine hits all of them."""
+def pass_times_ms(models: dict[str, nn.Module], inputs: Tensor, repeats: int = 20,
+                  warmup: int = 3) -> dict[str, list[float]]:
+    """Wall time of each of ``repeats`` forward passes of each model, in milliseconds. The
+    models take turns, pass by pass, so a change in the load of a shared machine hits all
+    of them."""
     sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in models}
     for i in range(warmup + repeats):
@@ -160,7 +161,14 @@ def latencies_ms(models: dict[str, nn.Module], inputs: Tensor, repeats: int = 20
             sync()
             if i >= warmup:
                 times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def latencies_ms(models: dict[str, nn.Module], inputs: Tensor, repeats: int = 20,
+                 warmup: int = 3) -> dict[str, float]:
+    """Median wall time of one forward pass of each model (:func:`pass_times_ms`), in ms."""
+    return {name: statistics.median(t)
+            for name, t in pass_times_ms(models, inputs, repeats, warmup).items()}
 
 
 def _size(model: nn.Module, one_input: Tensor) -> tuple[float, int]:
@@ -173,19 +181,21 @@ def _size(model: nn.Module, one_input: Tensor) -> tuple[float, int]:
 @torch.no_grad()
 def measure(dense: nn.Module, models: dict[str, nn.Module], inputs: Tensor,
             repeats: int = 20) -> dict[str, dict[str, Any]]:
-    """Parameters, MACs per image, latency (:func:`latencies_ms`) and output difference from
-    ``dense`` on ``inputs`` of ``dense`` (key ``"dense"``) and of each of ``models``; a model
-    is ``exact`` when its difference is <= ``EXACT_RTOL`` times the largest dense output."""
+    """Parameters, MACs per image, latency (median and fastest of :func:`pass_times_ms`)
+    and output difference from ``dense`` on ``inputs``, of ``dense`` (key ``"dense"``) and
+    of each of ``models``; a model is ``exact`` when its difference is <= ``EXACT_RTOL``
+    times the largest dense output."""
     models = {"dense": dense.eval(), **{name: m.eval() for name, m in models.items()}}
     ref = dense(inputs)
-    latency = latencies_ms(models, inputs, repeats)
+    times = pass_times_ms(models, inputs, repeats)
     scale = float(ref.abs().max())
     result = {}
     for name, model in models.items():
         macs, params = _size(model, inputs[:1])
         diff = float((model(inputs) - ref).abs().max())
         result[name] = dict(
-            params=params, macs=macs, latency_ms=latency[name], max_abs_diff=diff,
+            params=params, macs=macs, latency_ms=statistics.median(times[name]),
+            latency_ms_min=min(times[name]), max_abs_diff=diff,
             max_abs_output=scale, exact=model is dense or diff <= EXACT_RTOL * scale,
             removed_channels=getattr(model, "slim_removed_channels", 0),
             kept_channels=getattr(model, "slim_kept_channels", 0),
