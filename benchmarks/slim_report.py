@@ -21,6 +21,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,10 @@ MODELS = ("resnet18", "resnet50", "mobilenet_v3_large")
 FRACTIONS = (0.3, 0.5, 0.7)
 INDEPENDENT_FRACTION = 0.5
 TARGET = 0.2  # the latency ratio should be within 20% of the MACs ratio
+# wall: what a user waits; cpu: this process's CPU time, which other processes on a shared
+# machine disturb least (with --threads 1: with more, it also counts threads waiting)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK_TEXT = {"wall": "latency is wall time", "cpu": "latency is the process's CPU time"}
 
 
 def build(name: str, generator: torch.Generator) -> nn.Module:
@@ -103,13 +108,13 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     for fraction in args.fractions:
         zeroed, chosen, groups = zero_coupled(model, x[:1], fraction, generator)
         slimmed = slim(zeroed, x[:1], select_inputs=False)
-        measured = measure(zeroed, {"slim": slimmed}, x, args.repeats)
+        measured = measure(zeroed, {"slim": slimmed}, x, args.repeats, CLOCKS[args.clock])
         rows.append(_row(f"coupled {fraction:.0%}", chosen, groups, measured))
         print(f"{name} {rows[-1]['setting']}: {_summary(rows[-1])}", flush=True)
     zeroed, chosen, groups = zero_independent(model, INDEPENDENT_FRACTION, generator)
     plain = slim(zeroed, x[:1], select_inputs=False)
     measured = measure(zeroed, {"slim": plain, "slim_select_inputs": with_select_inputs(plain)},
-                       x, args.repeats)
+                       x, args.repeats, CLOCKS[args.clock])
     rows.append(_row(f"input_channel {INDEPENDENT_FRACTION:.0%} per layer", chosen, groups, measured))
     print(f"{name} {rows[-1]['setting']}: {_summary(rows[-1])}", flush=True)
     return [dict(row, model=name) for row in rows]
@@ -148,7 +153,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Machine: {machine_line(result)}."
         + (f" {run['note']}" if run["note"] else ""), "",
         f"CPU forward passes, batch {run['batch']}, {run['image_size']}x{run['image_size']}, "
-        f"fp32, eval mode; median of {run['repeats']} passes after 3 warm-up passes, dense and "
+        f"fp32, eval mode, {run['threads']} torch thread(s); {CLOCK_TEXT[run['clock']]}: median "
+        f"of {run['repeats']} passes after 3 warm-up passes, dense and "
         "slim models taking turns so that load changes hit both. Random weights and BN "
         f"statistics (seed {run['seed']}). *coupled p%*: p% of the model's coupled channel "
         "groups (every column that reads one channel, over all dense layers: "
@@ -179,15 +185,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=7, help="timed passes per model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="torch threads (default: the cores, %(default)s)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall time, or this process's CPU time (use with --threads 1)")
     p.add_argument("--note", default="", help="a sentence for the report, e.g. about the machine")
     args = p.parse_args(argv)
     args.fractions = [float(f) for f in args.fractions.split(",")]
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     result: dict[str, Any] = dict(
         machine=machine_info("cpu"),
         run=dict(command="python -m benchmarks.slim_report " + shlex.join(sys.argv[1:] if argv is None else argv),
                  device="cpu", batch=args.batch, image_size=args.image_size,
-                 repeats=args.repeats, seed=args.seed, note=args.note, target=TARGET),
+                 repeats=args.repeats, seed=args.seed, note=args.note, target=TARGET,
+                 threads=args.threads, clock=args.clock),
         rows=[])
     for name in args.models.split(","):
         result["rows"] += run_model(name, args)

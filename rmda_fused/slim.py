@@ -33,7 +33,7 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -147,20 +147,22 @@ def slim(model: nn.Module, example_inputs: Tensor, select_inputs: bool = True) -
 
 @torch.inference_mode()
 def pass_times_ms(models: dict[str, nn.Module], inputs: Tensor, repeats: int = 20,
-                  warmup: int = 3) -> dict[str, list[float]]:
-    """Wall time of each of ``repeats`` forward passes of each model, in milliseconds. The
-    models take turns, pass by pass, so a change in the load of a shared machine hits all
-    of them."""
+                  warmup: int = 3, clock: Callable[[], float] = time.perf_counter
+                  ) -> dict[str, list[float]]:
+    """Time of each of ``repeats`` forward passes of each model, in milliseconds, by
+    ``clock`` (wall time; ``time.process_time``, this process's CPU time, is what other
+    processes on a shared machine disturb least, with one torch thread). The models take
+    turns, pass by pass, so a change in the load of the machine hits all of them."""
     sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in models}
     for i in range(warmup + repeats):
         for name, model in models.items():
             sync()
-            start = time.perf_counter()
+            start = clock()
             model(inputs)
             sync()
             if i >= warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
+                times[name].append((clock() - start) * 1e3)
     return times
 
 
@@ -180,14 +182,15 @@ def _size(model: nn.Module, one_input: Tensor) -> tuple[float, int]:
 
 @torch.no_grad()
 def measure(dense: nn.Module, models: dict[str, nn.Module], inputs: Tensor,
-            repeats: int = 20) -> dict[str, dict[str, Any]]:
+            repeats: int = 20, clock: Callable[[], float] = time.perf_counter
+            ) -> dict[str, dict[str, Any]]:
     """Parameters, MACs per image, latency (median and fastest of :func:`pass_times_ms`)
     and output difference from ``dense`` on ``inputs``, of ``dense`` (key ``"dense"``) and
     of each of ``models``; a model is ``exact`` when its difference is <= ``EXACT_RTOL``
     times the largest dense output."""
     models = {"dense": dense.eval(), **{name: m.eval() for name, m in models.items()}}
     ref = dense(inputs)
-    times = pass_times_ms(models, inputs, repeats)
+    times = pass_times_ms(models, inputs, repeats, clock=clock)
     scale = float(ref.abs().max())
     result = {}
     for name, model in models.items():
@@ -229,8 +232,9 @@ def export_slim(model: nn.Module, inputs: Tensor, path: str | Path, repeats: int
     ``inputs``'s device; its report goes beside it as JSON (``<path>.json``).
 
     The report: ``chosen``, ``candidates`` (size, latency, output difference of each), and
-    the :func:`compare` keys for the chosen model. The slim model is never slower than the
-    dense one on the device it was measured on, by construction."""
+    the :func:`compare` keys for the chosen model. So the saved model is never slower than
+    ``model`` in this measurement (median of ``repeats`` passes, on ``inputs``'s device);
+    a candidate whose outputs are not exact is never saved."""
     path = Path(path)
     plain = slim(model, inputs[:1], select_inputs=False)
     candidates = {"slim": plain}

@@ -91,7 +91,7 @@ def test_export_saves_the_fastest_exact_model_and_its_report(tmp_path):
 
 @pytest.mark.parametrize("fastest", ["dense", "slim", "slim_select_inputs"])
 def test_export_never_keeps_a_model_slower_than_another(tmp_path, monkeypatch, fastest):
-    def timed(models, inputs, repeats=20, warmup=3):
+    def timed(models, inputs, repeats=20, warmup=3, clock=None):
         return {name: [1.0] if name == fastest else [2.0] for name in models}
 
     monkeypatch.setattr(rmda_fused.slim, "pass_times_ms", timed)
