@@ -5,6 +5,7 @@ from typing import Any
 
 from torch import nn
 
+from .coupling import channel_groups
 from .grouping import check_grouping
 
 COUPLED = "coupled"
@@ -84,8 +85,6 @@ def param_groups(
     groups = [dict(params=params, lam=lam, grouping=g, **group_options)
               for g, params in regularized.items() if params]
     if grouping == COUPLED and regularized[COUPLED]:
-        from .coupling import channel_groups
-
         groups[0]["channel_groups"] = channel_groups(model, example_inputs, regularized[COUPLED])
     if plain:
         groups.append(dict(params=plain, lam=0.0, grouping="none", **group_options))
