@@ -193,16 +193,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     args.fractions = [float(f) for f in args.fractions.split(",")]
     torch.set_num_threads(args.threads)
+    command = "python -m benchmarks.slim_report " + shlex.join(sys.argv[1:] if argv is None else argv)
     result: dict[str, Any] = dict(
         machine=machine_info("cpu"),
-        run=dict(command="python -m benchmarks.slim_report " + shlex.join(sys.argv[1:] if argv is None else argv),
+        run=dict(command=command,
                  device="cpu", batch=args.batch, image_size=args.image_size,
                  repeats=args.repeats, seed=args.seed, note=args.note, target=TARGET,
                  threads=args.threads, clock=args.clock),
         rows=[])
     for name in args.models.split(","):
         result["rows"] += run_model(name, args)
-    result["machine"]["load_average_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if hasattr(os, "getloadavg"):  # how busy the machine was at the end, too
+        result["machine"]["load_average_1min_at_end"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "report.md").write_text(markdown(result))
