@@ -158,6 +158,14 @@ def test_every_zero_coupled_group_becomes_a_removed_channel(build):
         kept = slimmed.get_submodule(name).weight
         assert kept.shape[1] == int((~zero[groups.ids[layer.weight]]).sum()), name
         assert (kept != 0).transpose(0, 1).reshape(kept.shape[1], -1).any(dim=1).all(), name
+    # depthwise convs (MobileNetV3) lose the channels of their set too
+    depthwise = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    for name in depthwise:
+        conv = slimmed.get_submodule(name)
+        assert conv.groups == conv.in_channels == conv.out_channels, name
+    if depthwise:
+        assert sum(slimmed.get_submodule(n).out_channels for n in depthwise) < sum(
+            model.get_submodule(n).out_channels for n in depthwise)
     report = compare(model, slimmed, x, repeats=1)
     assert report["max_abs_diff"] <= EXACT_RTOL * report["max_abs_output"]
     assert report["max_abs_output"] > 1e-3  # a non-trivial function was compared
