@@ -126,6 +126,11 @@ def _summary(row: dict[str, Any]) -> str:
                      for name, s in row["slim"].items())
 
 
+def _load_at_end(result: dict[str, Any]) -> str:
+    load = result["machine"].get("load_average_1min_at_end")
+    return "" if load is None else f", {load:.2f} at the end"
+
+
 def markdown(result: dict[str, Any]) -> str:
     run = result["run"]
     header = ["model", "zeroed", "slim model", "params (M)", "MACs/image (G)", "latency ms",
@@ -150,7 +155,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Slim models: latency against MACs", "",
         f"`{run['command']}`", "",
-        f"Machine: {machine_line(result)}."
+        f"Machine: {machine_line(result)}{_load_at_end(result)}."
         + (f" {run['note']}" if run["note"] else ""), "",
         f"CPU forward passes, batch {run['batch']}, {run['image_size']}x{run['image_size']}, "
         f"fp32, eval mode, {run['threads']} torch thread(s); {CLOCK_TEXT[run['clock']]}: median "
