@@ -5,7 +5,10 @@ from typing import Any
 
 from torch import nn
 
+from .coupling import channel_groups
 from .grouping import check_grouping
+
+COUPLED = "coupled"
 
 
 def _grouped_conv_grouping(grouping: str) -> str:
@@ -17,7 +20,7 @@ def _grouped_conv_grouping(grouping: str) -> str:
     conv (C, 1, k...) it is the whole kernel. One group per filter, ``W[o]``, is what
     zeroes one channel of a depthwise conv.
     """
-    return "output_channel" if grouping == "input_channel" else grouping
+    return "output_channel" if grouping in ("input_channel", COUPLED) else grouping
 
 
 def _weight_grouping(module: nn.Module, name: str, grouping: str) -> str | None:
@@ -34,23 +37,41 @@ def _weight_grouping(module: nn.Module, name: str, grouping: str) -> str | None:
 
 
 def param_groups(
-    model: nn.Module, lam: float, grouping: str = "input_channel", **group_options: Any
+    model: nn.Module, lam: float, grouping: str = "input_channel", example_inputs: Any = None,
+    **group_options: Any,
 ) -> list[dict[str, Any]]:
     """Param groups for :class:`rmda_fused.RMDA`, in this order, empty ones left out:
 
     1. weights of dense convolutions and linear layers (``nn.Conv1d/2d/3d`` with
        ``groups=1``, ``nn.Linear``): ``lam`` and ``grouping``;
     2. weights of grouped and depthwise convolutions (``groups > 1``) when ``grouping`` is
-       ``"input_channel"``: ``lam`` and ``"output_channel"``, one group per filter (for a
-       depthwise conv, one per channel). For any other ``grouping`` they are in group 1;
+       ``"input_channel"`` or ``"coupled"``: ``lam`` and ``"output_channel"``, one group per
+       filter (for a depthwise conv, one per channel). For any other ``grouping`` they are
+       in group 1;
     3. every other parameter (biases, normalisation, embeddings): ``lam=0`` and
        ``grouping="none"``; it still takes the dual-averaging update.
+
+    ``grouping="coupled"`` makes one group of each channel that several dense layers read
+    (a residual stream, a concatenation, flatten -> linear): the columns of all of them
+    for that channel (:mod:`rmda_fused.coupling`), so that a zero group is a channel
+    :func:`rmda_fused.slim.slim` removes. Group 1 then carries ``channel_groups``, aligned
+    with its params: each weight's coupled group id per column. The channels are found by
+    tracing ``model`` on ``example_inputs`` (a batch it accepts; required) with
+    Torch-Pruning (``pip install torch-pruning``); a model it cannot trace raises
+    :class:`rmda_fused.slim.SlimError` naming the model.
 
     Transposed convolutions go to the last group: their weight layout (I, O/groups, k...)
     does not match the groupings. ``group_options`` (e.g. ``lr``) are set on every group.
     Shared parameters appear once; frozen ones (``requires_grad=False``) are left out.
     """
-    check_grouping(grouping)
+    if grouping == COUPLED:
+        if example_inputs is None:
+            raise ValueError("grouping 'coupled' needs example_inputs: a batch the model "
+                             "accepts, to trace which layers read each channel")
+    else:
+        check_grouping(grouping)
+        if example_inputs is not None:
+            raise ValueError(f"example_inputs is only used by grouping 'coupled', not {grouping!r}")
     # one list per grouping: when grouped convs take ``grouping`` itself, they share its list
     regularized = {grouping: [], _grouped_conv_grouping(grouping): []}
     plain, seen = [], set()
@@ -63,6 +84,8 @@ def param_groups(
             (plain if weight_grouping is None else regularized[weight_grouping]).append(p)
     groups = [dict(params=params, lam=lam, grouping=g, **group_options)
               for g, params in regularized.items() if params]
+    if grouping == COUPLED and regularized[COUPLED]:
+        groups[0]["channel_groups"] = channel_groups(model, example_inputs, regularized[COUPLED])
     if plain:
         groups.append(dict(params=plain, lam=0.0, grouping="none", **group_options))
     return groups

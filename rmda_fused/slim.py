@@ -1,22 +1,27 @@
-"""Turn a model whose input-channel groups are exactly zero into a smaller dense model.
+"""Turn a model whose input-channel columns are exactly zero into a smaller dense model.
 
-After RMDA and ``optimizer.apply_prox_point()``, whole input-channel groups ``W[:, i, ...]``
-of convolutions and linear layers are exactly zero. Two removals are exact (eval mode):
+After RMDA and ``optimizer.apply_prox_point()``, whole columns ``W[:, j, ...]`` of dense
+convolutions and linear layers are exactly zero. Two removals are exact (eval mode):
 
-1. **A channel every consumer ignores.** If every conv/linear that reads channel c has a
-   zero weight group for it, the value of c does not matter: c is removed from those
-   consumers *and* from its producers (conv filters, BatchNorm channels, residual adds).
-   What reads c, and which layers produce it jointly (ResNet's residual stream is shared by
-   many convs), comes from Torch-Pruning's dependency graph: a coupled set is removed only
-   where all of its consumers ignore the channel. A producer's BN bias still passes a
-   constant through ReLU, but only into weights that are zero, so dropping it is exact.
-2. **A channel only some consumers ignore.** Its producer must keep computing it; a consumer
-   whose weights for it are zero drops the input channel alone, and is wrapped in
-   :class:`SelectInputs`, which gathers the channels it still reads (``select_inputs=True``).
-   This trades a gather for fewer MACs: :func:`export_slim` measures whether it pays.
+1. **A channel every consumer ignores.** A channel of a coupled set
+   (:mod:`rmda_fused.coupling`: e.g. ResNet's residual stream, read by many convs) whose
+   coupled group is zero, i.e. every dense layer that reads it has a zero column for it, is
+   removed from those consumers *and* from its producers (conv filters, BatchNorm channels,
+   depthwise convs, residual adds, the gate of a squeeze-and-excitation block). A
+   producer's BN bias still passes a constant through ReLU, but only into weights that are
+   zero, so dropping it is exact. With ``param_groups(grouping="coupled")`` every zero group
+   RMDA produces is such a channel. A set whose channels are *all* zero keeps one (a layer
+   needs at least one channel; its consumers' columns for it are zero, so it changes
+   nothing): the slim model counts those in ``slim_kept_channels``.
+2. **A channel only some consumers ignore** (what independent input-channel groups leave,
+   and an image channel the first conv ignores). Its producer must keep computing it; a
+   consumer whose column for it is zero drops that input alone, and is wrapped in
+   :class:`SelectInputs`, which gathers the channels it still reads
+   (``select_inputs=True``). This trades a gather for fewer MACs: :func:`export_slim`
+   measures both and keeps whichever is fastest, the dense model included.
 
-Coupled sets through layers that mix channels (LayerNorm, GroupNorm, grouped or depthwise
-convs, attention) are left alone, so the result stays exact; :func:`compare` checks outputs.
+Coupled sets through layers that mix channels (LayerNorm, GroupNorm, grouped convs,
+attention) are left alone, so the result stays exact; :func:`compare` checks outputs.
 Needs ``torch-pruning`` (``pip install torch-pruning``). An architecture whose graph
 Torch-Pruning cannot trace (e.g. ShuffleNet's channel shuffle, a reshape it cannot map
 channels through) raises :class:`SlimError` naming the model and the step that failed.
@@ -27,33 +32,24 @@ import copy
 import json
 import statistics
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
+from .coupling import (CoupledSet, TorchPruningError, coupled_sets, dependency_graph,
+                       import_torch_pruning, is_dense_consumer, torch_pruning_step)
 from .grouping import zero_group_mask
 
-__all__ = ["SelectInputs", "SlimError", "slim", "compare", "export_slim"]
+__all__ = ["SelectInputs", "SlimError", "slim", "with_select_inputs", "compare", "measure",
+           "export_slim", "latencies_ms", "pass_times_ms", "EXACT_RTOL"]
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SlimError = TorchPruningError
 
-
-class SlimError(RuntimeError):
-    """Torch-Pruning failed on this model (the model itself is untouched)."""
-
-
-@contextmanager
-def _torch_pruning(model: nn.Module, step: str) -> Iterator[None]:
-    """SlimError naming the model's class and ``step`` for whatever Torch-Pruning raises
-    (on ShuffleNetV2, a bare ZeroDivisionError from deep inside its graph code)."""
-    try:
-        yield
-    except Exception as exc:
-        raise SlimError(f"Torch-Pruning failed on {type(model).__name__} while {step}: "
-                        f"{type(exc).__name__}: {exc}") from exc
+# a slim model is exact when max |output difference| <= EXACT_RTOL * max |dense output|:
+# removing zero columns only changes the order of fp32 sums
+EXACT_RTOL = 1e-5
 
 
 class SelectInputs(nn.Module):
@@ -70,53 +66,39 @@ class SelectInputs(nn.Module):
         return self.layer(x.index_select(self.dim, self.keep))
 
 
-def _is_dense_consumer(module: nn.Module) -> bool:
-    # grouped/depthwise convs tie input to output channels; transposed convs lay weights out
-    # as (I, O, k...): neither has the input-channel groups RMDA regularizes
-    return isinstance(module, nn.Linear) or (
-        isinstance(module, _CONVS) and module.groups == 1 and not module.transposed)
-
-
 def _zero_inputs(module: nn.Module) -> Tensor:
     """One bool per input channel (column) of a conv/linear weight: is W[:, i, ...] all 0?"""
     return zero_group_mask(module.weight.detach(), "input_channel").cpu()
 
 
-def _removable(graph: Any, group: Any) -> list[int]:
-    """Channels (root indices) of one coupled set that every consumer ignores; [] if none,
-    or if the set passes through a layer whose channels are not independent."""
-    from torch_pruning.ops import OPTYPE
+def _removable(coupled: CoupledSet) -> tuple[list[int], int]:
+    """The channels (root indices) of a coupled set that every dense consumer ignores, and
+    how many such channels stay because the set would otherwise be empty (0 or 1)."""
+    read = torch.zeros(coupled.size, dtype=torch.bool)
+    for module, columns, channels in coupled.columns:
+        read[channels[~_zero_inputs(module)[columns]]] = True
+    ignored = (~read).nonzero().flatten().tolist()
+    if len(ignored) == coupled.size:
+        return ignored[1:], 1  # a layer keeps >= 1 channel
+    return ignored, 0
 
-    channelwise = {OPTYPE.CONV, OPTYPE.LINEAR, OPTYPE.BN, OPTYPE.ELEMENTWISE, OPTYPE.RESHAPE,
-                   OPTYPE.CONCAT, OPTYPE.SPLIT}
-    size = len(group[0].idxs)
-    ignored = torch.ones(size, dtype=torch.bool)
-    consumers = 0
-    for item in group:
-        node, module = item.dep.target, item.dep.target.module
-        if node.type not in channelwise or (node.type == OPTYPE.CONV and not _is_dense_consumer(module)):
-            return []
-        if node.type in (OPTYPE.CONV, OPTYPE.LINEAR) and graph.is_in_channel_pruning_fn(item.dep.handler):
-            consumers += 1
-            zero = _zero_inputs(module)
-            for idx, root in zip(item.idxs, item.root_idxs):
-                if not zero[idx]:
-                    ignored[root] = False
-    if consumers == 0:  # e.g. the classifier's outputs: they are the model's output
-        return []
-    channels = ignored.nonzero().flatten().tolist()
-    return channels[1:] if len(channels) == size else channels  # a layer keeps >= 1 channel
+
+def with_select_inputs(slimmed: nn.Module) -> nn.Module:
+    """A copy of a model ``slim(..., select_inputs=False)`` returned, its consumers with zero
+    columns left wrapped in :class:`SelectInputs` (what ``select_inputs=True`` returns)."""
+    selecting = copy.deepcopy(slimmed)
+    selecting.slim_selected_inputs = _select_inputs(selecting)
+    return selecting
 
 
 @torch.no_grad()
 def _select_inputs(model: nn.Module) -> int:
     """Wrap every consumer with zero input groups left in :class:`SelectInputs`; returns how
     many input channels were dropped this way."""
-    import torch_pruning as tp
-
+    tp = import_torch_pruning()
     dropped = 0
     for name, module in list(model.named_modules()):
-        if not name or not _is_dense_consumer(module):
+        if not name or not is_dense_consumer(module):
             continue
         zero = _zero_inputs(module)
         drop = zero.nonzero().flatten().tolist()
@@ -138,41 +120,57 @@ def _select_inputs(model: nn.Module) -> int:
 
 def slim(model: nn.Module, example_inputs: Tensor, select_inputs: bool = True) -> nn.Module:
     """A smaller dense copy of ``model`` (eval mode) computing the same function; ``model``
-    is left untouched. ``example_inputs``: a batch the model accepts (traced once)."""
-    import torch_pruning as tp
+    is left untouched. ``example_inputs``: a batch the model accepts (traced once).
 
+    The copy records ``slim_removed_channels`` (channels removed with their producers),
+    ``slim_kept_channels`` (zero channels kept because their whole set was zero) and
+    ``slim_selected_inputs`` (input channels dropped by :class:`SelectInputs` wrappers)."""
     model = copy.deepcopy(model).eval()  # eval: BN uses its running statistics, as exported
-    # Torch-Pruning traces the autograd graph
-    with torch.enable_grad(), _torch_pruning(model, "tracing its channel dependency graph"):
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+    traced = dependency_graph(model, example_inputs)
     # decide on the untouched model, then prune: coupled sets are disjoint, so the root
     # indices of one set stay valid while another is pruned
-    plans = []
-    for group in graph.get_all_groups():
-        channels = _removable(graph, group)
+    plans, kept = [], 0
+    for coupled in coupled_sets(traced):
+        channels, kept_here = _removable(coupled)
+        kept += kept_here
         if channels:
-            plans.append((group[0].dep.target.module, group[0].dep.handler, channels))
-    with _torch_pruning(model, "removing the channels every consumer ignores"):
-        for module, handler, channels in plans:
-            graph.get_pruning_group(module, handler, channels).prune(record_history=False)
-    model.slim_removed_channels = sum(len(c) for _, _, c in plans)
+            plans.append((coupled, channels))
+    with torch_pruning_step(model, "removing the channels every consumer ignores"):
+        for coupled, channels in plans:
+            group = traced.graph.get_pruning_group(coupled.root, coupled.handler, channels)
+            group.prune(record_history=False)
+    model.slim_removed_channels = sum(len(c) for _, c in plans)
+    model.slim_kept_channels = kept
     model.slim_selected_inputs = _select_inputs(model) if select_inputs else 0
     return model
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, inputs: Tensor, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time of one forward pass, in milliseconds."""
+def pass_times_ms(models: dict[str, nn.Module], inputs: Tensor, repeats: int = 20,
+                  warmup: int = 3, clock: Callable[[], float] = time.perf_counter
+                  ) -> dict[str, list[float]]:
+    """Time of each of ``repeats`` forward passes of each model, in milliseconds, by
+    ``clock`` (wall time; ``time.process_time``, this process's CPU time, is what other
+    processes on a shared machine disturb least, with one torch thread). The models take
+    turns, pass by pass, so a change in the load of the machine hits all of them."""
     sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in models}
     for i in range(warmup + repeats):
-        sync()
-        start = time.perf_counter()
-        model(inputs)
-        sync()
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, model in models.items():
+            sync()
+            start = clock()
+            model(inputs)
+            sync()
+            if i >= warmup:
+                times[name].append((clock() - start) * 1e3)
+    return times
+
+
+def latencies_ms(models: dict[str, nn.Module], inputs: Tensor, repeats: int = 20,
+                 warmup: int = 3) -> dict[str, float]:
+    """Median wall time of one forward pass of each model (:func:`pass_times_ms`), in ms."""
+    return {name: statistics.median(t)
+            for name, t in pass_times_ms(models, inputs, repeats, warmup).items()}
 
 
 def _size(model: nn.Module, one_input: Tensor) -> tuple[float, int]:
@@ -183,34 +181,73 @@ def _size(model: nn.Module, one_input: Tensor) -> tuple[float, int]:
 
 
 @torch.no_grad()
+def measure(dense: nn.Module, models: dict[str, nn.Module], inputs: Tensor,
+            repeats: int = 20, clock: Callable[[], float] = time.perf_counter
+            ) -> dict[str, dict[str, Any]]:
+    """Parameters, MACs per image, latency (median and fastest of :func:`pass_times_ms`)
+    and output difference from ``dense`` on ``inputs``, of ``dense`` (key ``"dense"``) and
+    of each of ``models``; a model is ``exact`` when its difference is <= ``EXACT_RTOL``
+    times the largest dense output."""
+    models = {"dense": dense.eval(), **{name: m.eval() for name, m in models.items()}}
+    ref = dense(inputs)
+    times = pass_times_ms(models, inputs, repeats, clock=clock)
+    scale = float(ref.abs().max())
+    result = {}
+    for name, model in models.items():
+        macs, params = _size(model, inputs[:1])
+        diff = float((model(inputs) - ref).abs().max())
+        result[name] = dict(
+            params=params, macs=macs, latency_ms=statistics.median(times[name]),
+            latency_ms_min=min(times[name]), max_abs_diff=diff,
+            max_abs_output=scale, exact=model is dense or diff <= EXACT_RTOL * scale,
+            removed_channels=getattr(model, "slim_removed_channels", 0),
+            kept_channels=getattr(model, "slim_kept_channels", 0),
+            selected_inputs=getattr(model, "slim_selected_inputs", 0))
+    return result
+
+
+def _before_after(before: dict[str, Any], after: dict[str, Any], inputs: Tensor) -> dict[str, Any]:
+    return dict(
+        params_before=before["params"], params_after=after["params"],
+        macs_before=before["macs"], macs_after=after["macs"],
+        latency_ms_before=before["latency_ms"], latency_ms_after=after["latency_ms"],
+        latency_batch=len(inputs), latency_device=str(inputs.device),
+        max_abs_diff=after["max_abs_diff"], max_abs_output=after["max_abs_output"],
+        removed_channels=after["removed_channels"], kept_channels=after["kept_channels"],
+        selected_inputs=after["selected_inputs"])
+
+
 def compare(original: nn.Module, slimmed: nn.Module, inputs: Tensor, repeats: int = 20) -> dict[str, Any]:
     """Parameters, MACs per image and latency of both models, and how far their outputs
     differ on ``inputs`` (both in eval mode)."""
-    original.eval(), slimmed.eval()
-    ref, out = original(inputs), slimmed(inputs)
-    macs_before, params_before = _size(original, inputs[:1])
-    macs_after, params_after = _size(slimmed, inputs[:1])
-    return dict(
-        params_before=params_before, params_after=params_after,
-        macs_before=macs_before, macs_after=macs_after,
-        latency_ms_before=latency_ms(original, inputs, repeats),
-        latency_ms_after=latency_ms(slimmed, inputs, repeats),
-        latency_batch=len(inputs), latency_device=str(inputs.device),
-        max_abs_diff=float((ref - out).abs().max()), max_abs_output=float(ref.abs().max()),
-        removed_channels=getattr(slimmed, "slim_removed_channels", 0),
-        selected_inputs=getattr(slimmed, "slim_selected_inputs", 0),
-    )
+    measured = measure(original, {"slim": slimmed}, inputs, repeats)
+    return _before_after(measured["dense"], measured["slim"], inputs)
 
 
-def export_slim(model: nn.Module, inputs: Tensor, path: str | Path, repeats: int = 20,
-                select_inputs: bool = True) -> dict[str, Any]:
-    """Slim ``model``, save it whole with ``torch.save`` to ``path`` (load it with
-    ``torch.load(path, weights_only=False)``; it may contain :class:`SelectInputs`) and its
-    :func:`compare` report as JSON beside it (``<path>.json``). Returns the report."""
+def export_slim(model: nn.Module, inputs: Tensor, path: str | Path, repeats: int = 20) -> dict[str, Any]:
+    """Save to ``path`` (``torch.save`` of the whole model; load it with
+    ``torch.load(path, weights_only=False)``) the fastest exact one of: the slim model
+    without :class:`SelectInputs` (``"slim"``), with them (``"slim_select_inputs"``, when
+    some zero columns are left for them) and ``model`` itself (``"dense"``), timed on
+    ``inputs``'s device; its report goes beside it as JSON (``<path>.json``).
+
+    The report: ``chosen``, ``candidates`` (size, latency, output difference of each), and
+    the :func:`compare` keys for the chosen model. So the saved model is never slower than
+    ``model`` in this measurement (median of ``repeats`` passes, on ``inputs``'s device);
+    a candidate whose outputs are not exact is never saved."""
     path = Path(path)
-    slimmed = slim(model, inputs[:1], select_inputs=select_inputs)
-    report = compare(model, slimmed, inputs, repeats)
-    torch.save(slimmed, path)
+    plain = slim(model, inputs[:1], select_inputs=False)
+    candidates = {"slim": plain}
+    selecting = with_select_inputs(plain)
+    if selecting.slim_selected_inputs:  # else it is the same model as "slim"
+        candidates["slim_select_inputs"] = selecting
+    measured = measure(model, candidates, inputs, repeats)
+    exact = [name for name, m in measured.items() if m["exact"]]
+    chosen = min(exact, key=lambda name: measured[name]["latency_ms"])
+    saved = model if chosen == "dense" else candidates[chosen]
+    report = dict(chosen=chosen, candidates=measured,
+                  **_before_after(measured["dense"], measured[chosen], inputs))
+    torch.save(saved, path)
     path.with_suffix(path.suffix + ".json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -218,10 +255,16 @@ def export_slim(model: nn.Module, inputs: Tensor, path: str | Path, repeats: int
 def describe(report: dict[str, Any]) -> str:
     """One paragraph for humans."""
     r = report
-    return (f"slim model: params {r['params_before']:,} -> {r['params_after']:,} "
+    text = (f"slim model: params {r['params_before']:,} -> {r['params_after']:,} "
             f"({r['params_after'] / r['params_before']:.1%}), MACs/image {r['macs_before']:,.0f} -> "
             f"{r['macs_after']:,.0f} ({r['macs_after'] / max(r['macs_before'], 1):.1%}), latency "
             f"{r['latency_ms_before']:.2f} -> {r['latency_ms_after']:.2f} ms (batch "
-            f"{r['latency_batch']}, {r['latency_device']}); {r['removed_channels']} channels removed, "
+            f"{r['latency_batch']}, {r['latency_device']}); {r['removed_channels']} channels removed "
+            f"({r['kept_channels']} zero channels kept, their whole set being zero), "
             f"{r['selected_inputs']} more inputs dropped by consumers; max |output difference| "
             f"{r['max_abs_diff']:.2e} (outputs up to {r['max_abs_output']:.2e})")
+    if "chosen" in r:
+        timings = ", ".join(f"{name} {c['latency_ms']:.2f} ms{'' if c['exact'] else ' (not exact)'}"
+                            for name, c in r["candidates"].items())
+        text += f"; saved the fastest exact model, {r['chosen']!r} ({timings})"
+    return text

@@ -2,6 +2,8 @@
 group per filter), everything else not, each param once."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -175,3 +177,76 @@ def test_mobilenet_v3_depthwise_convs_are_grouped_per_channel():
         assert grouping_of[id(conv.weight)] == expected
         assert num_groups(conv.weight.shape, expected) == (
             conv.out_channels if conv.groups > 1 else conv.in_channels)
+
+
+def _coupled_groups(model, x, **options):
+    pytest.importorskip("torch_pruning", reason="coupled groups come from Torch-Pruning's graph")
+    return rmda_fused.param_groups(model, lam=0.1, grouping="coupled", example_inputs=x, **options)
+
+
+def test_coupled_groups_split_and_carry_channel_groups():
+    net = SeparableNet()
+    dense, grouped, plain = _coupled_groups(net, torch.randn(1, 3, 5, 5), lr=0.3)
+    assert ids(dense["params"]) == ids([net.stem.weight, net.fc.weight])
+    assert ids(grouped["params"]) == ids([net.depthwise.weight, net.grouped.weight])
+    assert (dense["grouping"], grouped["grouping"], plain["grouping"]) == (
+        "coupled", "output_channel", "none")
+    assert (dense["lam"], grouped["lam"], plain["lam"]) == (0.1, 0.1, 0.0)
+    assert all(g["lr"] == 0.3 for g in (dense, grouped, plain))
+    assert "channel_groups" not in grouped and "channel_groups" not in plain
+    stem_ids, fc_ids = dense["channel_groups"]
+    assert stem_ids.dtype == fc_ids.dtype == torch.int64
+    assert stem_ids.shape == (3,) and fc_ids.shape == (6,)
+    # the image channels and the grouped conv's outputs (it mixes channels) are not coupled:
+    # every column is a group of its own, numbered 0..8 across both tensors
+    assert sorted(torch.cat([stem_ids, fc_ids]).tolist()) == list(range(9))
+
+
+def test_coupled_ids_in_a_plain_chain_are_the_input_channel_groups():
+    chain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2))
+    coupled = _coupled_groups(chain, torch.randn(1, 3, 9, 9))
+    per_channel = rmda_fused.param_groups(chain, lam=0.1)
+    assert [ids(g["params"]) for g in coupled] == [ids(g["params"]) for g in per_channel]
+    # one group per column: as many distinct ids as columns, ids 0..n-1
+    all_ids = torch.cat(coupled[0]["channel_groups"])
+    assert sorted(all_ids.tolist()) == list(range(3 + 8 + 6))
+    for p, channel_ids in zip(coupled[0]["params"], coupled[0]["channel_groups"]):
+        assert channel_ids.shape == (p.shape[1],)
+
+
+def test_coupled_ids_are_renumbered_without_frozen_weights():
+    torchvision = pytest.importorskip("torchvision", reason="the model comes from torchvision")
+    model = torchvision.models.resnet18(num_classes=10)
+    model.layer1[0].conv1.requires_grad_(False)  # one of the readers of layer1's stream
+    dense = _coupled_groups(model, torch.randn(1, 3, 32, 32))[0]
+    assert id(model.layer1[0].conv1.weight) not in ids(dense["params"])
+    all_ids = torch.cat(dense["channel_groups"])
+    assert sorted(all_ids.unique().tolist()) == list(range(int(all_ids.max()) + 1))
+    by_param = dict(zip(ids(dense["params"]), dense["channel_groups"]))
+    # layer1.1.conv1 still shares its ids with layer2.0's conv1 and downsample
+    for other in (model.layer2[0].conv1, model.layer2[0].downsample[0]):
+        assert torch.equal(by_param[id(model.layer1[1].conv1.weight)], by_param[id(other.weight)])
+
+
+def test_coupled_needs_example_inputs_and_others_refuse_them():
+    with pytest.raises(ValueError, match="example_inputs"):
+        rmda_fused.param_groups(SeparableNet(), lam=0.1, grouping="coupled")
+    with pytest.raises(ValueError, match="only used by grouping 'coupled'"):
+        rmda_fused.param_groups(SeparableNet(), lam=0.1, example_inputs=torch.randn(1, 3, 5, 5))
+
+
+def test_coupled_without_torch_pruning_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)  # import torch_pruning fails
+    with pytest.raises(ImportError, match="pip install torch-pruning"):
+        rmda_fused.param_groups(SeparableNet(), lam=0.1, grouping="coupled",
+                                example_inputs=torch.randn(1, 3, 5, 5))
+
+
+def test_coupled_on_a_model_torch_pruning_cannot_trace_names_the_model():
+    from rmda_fused.slim import SlimError
+
+    torchvision = pytest.importorskip("torchvision", reason="the model comes from torchvision")
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10)
+    with pytest.raises(SlimError, match="Torch-Pruning failed on ShuffleNetV2"):
+        _coupled_groups(model, torch.randn(1, 3, 32, 32))
