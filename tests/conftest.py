@@ -17,6 +17,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))  # float64_reference, helpers
+# The repository's kernels/ folder is installed as rmda_fused.kernels. From the repository
+# root, which `python -m pytest` puts first on sys.path, it would also be a top-level
+# "kernels" and shadow Hugging Face's kernels package, which transformers imports: the root
+# goes last instead (benchmarks/ stays importable, no installed package shadows it).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _entry in [p for p in sys.path if os.path.abspath(p or os.curdir) == _ROOT]:
+    sys.path.remove(_entry)
+sys.path.append(_ROOT)
 
 import pytest  # noqa: E402
 
