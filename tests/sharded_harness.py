@@ -20,10 +20,10 @@ WORLD = 2
 TIMEOUT = timedelta(seconds=20)  # a dead peer ends a collective with an error, not a hang
 
 
-def _entry(rank: int, body, init_file: str, args: tuple) -> None:
+def _entry(rank: int, body, init_file: str, args: tuple, timeout: timedelta = TIMEOUT) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=TIMEOUT)
+                            world_size=WORLD, timeout=timeout)
     try:
         body(rank, *args)
         dist.barrier()
@@ -38,13 +38,13 @@ def run_ranks(body, *args) -> None:
                  join=True)
 
 
-def start_ranks(body, *args) -> list:
+def start_ranks(body, *args, timeout: timedelta = TIMEOUT) -> list:
     """The processes of ``body(rank, *args)``, started and not joined (a test that kills
-    one of them watches the others end)."""
+    one of them watches the others end); ``timeout`` is the process group's."""
     tmp = tempfile.mkdtemp()
     context = mp.get_context("spawn")
     procs = [context.Process(target=_entry, args=(rank, body, os.path.join(tmp, "rendezvous"),
-                                                  args)) for rank in range(WORLD)]
+                                                  args, timeout)) for rank in range(WORLD)]
     for proc in procs:
         proc.start()
     return procs
