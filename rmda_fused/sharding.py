@@ -25,7 +25,7 @@ from torch import Tensor
 from .grouping import zero_group_mask
 
 __all__ = ["is_sharded", "local", "cuts", "local_groups", "new_zero_mask", "fit_zero_mask",
-           "like", "full", "reduce_group", "sum_across", "agree_on_flag", "zero_groups_of",
+           "like", "laid_out_like", "full", "reduce_group", "sum_across", "agree_on_flag", "zero_groups_of",
            "unwrap", "merge_masks", "apply_prox_point"]
 
 # the dim a grouping's groups index (elementwise groups are single entries: never cut)
@@ -162,6 +162,20 @@ def like(p: Tensor, value: Tensor) -> Tensor:
     from torch.distributed.tensor import DTensor
     return DTensor.from_local(value, p.device_mesh, p.placements, run_check=False,
                               shape=p.shape, stride=p.stride())
+
+
+def laid_out_like(p: Tensor, value: Tensor) -> Tensor:
+    """``value``, of p's shape, laid out as p is: this rank's part of a plain tensor for a
+    DTensor ``p`` (no communication), the whole of a DTensor for a plain ``p`` (a
+    collective); else as it is. Zero masks are laid out at the next step instead
+    (:func:`fit_zero_mask`)."""
+    if is_sharded(p) and not is_sharded(value):
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(value.to(p.device), p.device_mesh, p.placements,
+                                 src_data_rank=None)
+    if is_sharded(value) and not is_sharded(p):
+        return value.full_tensor()
+    return value
 
 
 def full(x: Tensor) -> Tensor:

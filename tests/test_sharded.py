@@ -48,6 +48,31 @@ def _assert_some_groups_zero(ref, params):
     assert flags.any() and not flags.all(), "the problem zeroes no group, or all of them"
 
 
+def _assert_state_dicts_load(opt, params, ref, ref_params, grouping, backend, gen,
+                             directions):
+    """A twin loading the sharded state dict steps as the optimizer does, bit for bit; one
+    loading the single-process state dict steps as the single-process run does."""
+    from torch.distributed.tensor import distribute_tensor
+    twins = [nn.Parameter(p.detach().clone()) for p in params]
+    twin = rmda_fused.RMDA(_param_groups(grouping, twins), backend=backend)
+    twin.load_state_dict(opt.state_dict())
+    from_one = [nn.Parameter(distribute_tensor(q.detach().clone(), p.device_mesh,
+                                               p.placements, src_data_rank=None))
+                for p, q in zip(params, ref_params)]
+    loaded = rmda_fused.RMDA(_param_groups(grouping, from_one), backend=backend)
+    loaded.load_state_dict(ref.state_dict())
+    for i, (q, g) in enumerate(zip(ref_params, noisy(directions, gen))):
+        p = params[i]
+        for x in (p, twins[i], from_one[i]):
+            x.grad = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
+        q.grad = g
+    for o in (opt, twin, loaded, ref):
+        o.step()
+    for p, q in zip(params, twins):
+        assert torch.equal(local(p.detach()), local(q.detach()))
+    assert_state_matches(loaded, from_one, ref, ref_params)
+
+
 def _dtensor_groupings(rank, dim, backend):
     from torch.distributed.tensor import Shard, distribute_tensor
     device_mesh = mesh()
@@ -76,6 +101,8 @@ def _dtensor_groupings(rank, dim, backend):
         assert_state_matches(opt, params, ref, ref_params)
         if grouping != "none":
             _assert_some_groups_zero(ref, ref_params)
+        _assert_state_dicts_load(opt, params, ref, ref_params, grouping, backend, gen,
+                                 directions)
         for p, q in zip(params, ref_params):
             torch.testing.assert_close(local(opt.prox_point(p)),
                                        local_part(ref.prox_point(q), p), rtol=0, atol=1e-6)
