@@ -92,19 +92,11 @@ class GroupPlan:
                                     [positions[k] for k in picked]))
 
     def _cut_members(self, cut: list[tuple]) -> list[Member]:
-        """The reduce members of tensors whose groups their sharding cuts: each group its
-        own id (numbered through the param group), of the whole tensor's group size."""
-        members, start = [], 0
-        for row, grouping in cut:
-            p = self.params[row[0]]
-            view = group_view(p.shape, grouping)
-            ids = torch.arange(start, start + view.groups)
-            start += view.groups
-            members.append(Member(row, grouping, ids,
-                                  torch.full((view.groups,), float(view.group_size),
-                                             dtype=torch.float64),
-                                  sharding.local_groups(p, grouping)))
-        return members
+        """The reduce members of tensors whose groups their sharding cuts."""
+        tensors = [(self.params[row[0]], grouping) for row, grouping in cut]
+        return [Member(row, grouping, ids, sizes, sharding.local_groups(p, grouping))
+                for (row, grouping), (p, _), (ids, sizes)
+                in zip(cut, tensors, sharding.cut_groups(tensors))]
 
     def _shard_pointers(self) -> list[int]:
         return [p.to_local().data_ptr() for p in self.sharded]

@@ -12,7 +12,9 @@ The tensors whose groups reach other tensors step as "partials -> reduce -> appl
 backend's ``rmda_partials_`` advances t and A, updates V and sums z^2 per column; the reduce
 here (torch ops, shared by every backend) sums the columns of each group and turns the norms
 into a shrink factor and a zero flag per column; each backend's ``rmda_apply_`` writes W. The
-reduce is the one place a sharded run adds its all-reduce. A tensor none of whose groups
+reduce is the one place a sharded run adds its all-reduce: DTensor shards whose groups the
+sharding cuts (rmda_fused/sharding.py) take the same three phases, with their groups'
+columns or rows as :class:`Member` s. A tensor none of whose groups
 reaches another tensor, with one column per group, is an ordinary input_channel tensor and
 takes the single-kernel step (:func:`split_members`).
 """
@@ -29,8 +31,8 @@ from .batch import StepBatch, StepOptions, state_dtype
 from .grouping import norm_dims
 
 __all__ = ["check_channel_groups", "check_members_step_together", "split_members", "Member",
-           "coupled_members", "CoupledStep", "coupled_prox_", "coupled_zero_masks",
-           "group_entries", "group_shape"]
+           "coupled_entries", "coupled_members", "CoupledStep", "coupled_prox_",
+           "coupled_zero_masks", "group_entries", "group_shape"]
 
 
 def check_channel_groups(group: dict[str, Any], where: str) -> None:
@@ -162,15 +164,21 @@ class Member:
     local: slice
 
 
+def coupled_entries(group: dict[str, Any]) -> Tensor:
+    """|G| of every coupled group of a coupled param group (float64, by group id)."""
+    params, ids = group["params"], group["channel_groups"]
+    regularized = [i for i, p in enumerate(params) if p.dim() >= 2]
+    all_ids = [ids[i] for i in regularized]
+    num_groups = int(torch.cat(all_ids).max()) + 1 if all_ids else 0
+    return group_entries([params[i] for i in regularized], all_ids, num_groups)
+
+
 def coupled_members(group: dict[str, Any], entries: list[tuple],
                     local_groups: Callable[[Tensor, str], slice]) -> list[Member]:
     """The members of a coupled param group's reduce, for the plan's ``entries``;
     ``local_groups(p, grouping)`` is the share of p's columns its shard holds."""
     params, ids = group["params"], group["channel_groups"]
-    regularized = [i for i, p in enumerate(params) if p.dim() >= 2]
-    all_ids = [ids[i] for i in regularized]
-    num_groups = int(torch.cat(all_ids).max()) + 1 if all_ids else 0
-    sizes = group_entries([params[i] for i in regularized], all_ids, num_groups)
+    sizes = coupled_entries(group)
     return [Member(entry, "coupled", ids[entry[0]], sizes[ids[entry[0]]],
                    local_groups(params[entry[0]], "coupled")) for entry in entries]
 

@@ -379,19 +379,12 @@ class RMDA(torch.optim.Optimizer):
         params = group["params"]
         if group["grouping"] == "coupled":
             ids = group["channel_groups"]
-            cols = [ids[i] for i, q in enumerate(params) if q.dim() >= 2]
-            num_groups = int(torch.cat(cols).max()) + 1 if cols else 0
-            entries = coupled.group_entries([q for q in params if q.dim() >= 2], cols,
-                                            num_groups)
-            return [ids[i][sharding.local_groups(params[i], g)] for i, g in members], entries
-        local_ids, sizes, start = [], [], 0
-        for i, grouping in members:
-            view = group_view(params[i].shape, grouping)
-            numbers = torch.arange(start, start + view.groups)
-            local_ids.append(numbers[sharding.local_groups(params[i], grouping)])
-            sizes.append(torch.full((view.groups,), float(view.group_size), dtype=torch.float64))
-            start += view.groups
-        return local_ids, torch.cat(sizes)
+            return ([ids[i][sharding.local_groups(params[i], g)] for i, g in members],
+                    coupled.coupled_entries(group))
+        numbered = sharding.cut_groups([(params[i], g) for i, g in members])
+        return ([ids[sharding.local_groups(params[i], g)]
+                 for (i, g), (ids, _) in zip(members, numbered)],
+                torch.cat([sizes for _, sizes in numbered]))
 
     # -- state_dict ------------------------------------------------------------------------
 

@@ -22,6 +22,10 @@ class MultiStepRestart(MultiStepLR):
     - ``"sqrt"`` (their follow-up code): after the last milestone, the k-th optimizer step
       uses c = min(c0 * sqrt(k), 1), c0 being the group's momentum when the scheduler was made.
       k counts ``optimizer.step()`` calls, including ones a GradScaler turned into no-ops.
+
+    ``optimizer`` may be a wrapper exposing ``.optim`` (ZeroRedundancyOptimizer over RMDA):
+    lr and c are set on its param groups, which it hands to ``.optim`` at each step, and
+    ``.optim`` restarts the parameters this rank holds.
     """
 
     def __init__(

@@ -22,11 +22,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .grouping import zero_group_mask
+from .grouping import group_view, zero_group_mask
 
-__all__ = ["is_sharded", "local", "cuts", "local_groups", "new_zero_mask", "fit_zero_mask",
-           "like", "laid_out_like", "full", "reduce_group", "sum_across", "agree_on_flag", "zero_groups_of",
-           "unwrap", "merge_masks", "apply_prox_point"]
+__all__ = ["is_sharded", "local", "cuts", "local_groups", "cut_groups", "new_zero_mask",
+           "fit_zero_mask", "like", "laid_out_like", "full", "reduce_group", "sum_across",
+           "agree_on_flag", "zero_groups_of", "unwrap", "merge_masks", "apply_prox_point"]
 
 # the dim a grouping's groups index (elementwise groups are single entries: never cut)
 _GROUP_DIM = {"input_channel": 1, "coupled": 1, "output_channel": 0}
@@ -94,6 +94,18 @@ def local_groups(p: Tensor, grouping: str) -> slice:
         if dim == _GROUP_DIM[grouping]:
             return _chunk(p.shape[dim], p)
     return slice(None)
+
+
+def cut_groups(tensors: list[tuple[Tensor, str]]) -> list[tuple[Tensor, Tensor]]:
+    """(ids, |G| of each) of every group of each (tensor, grouping) whose groups its
+    sharding cuts, for a reduce over them: numbered in turn, the same on every rank."""
+    numbered, start = [], 0
+    for p, grouping in tensors:
+        view = group_view(p.shape, grouping)
+        numbered.append((torch.arange(start, start + view.groups),
+                         torch.full((view.groups,), float(view.group_size), dtype=torch.float64)))
+        start += view.groups
+    return numbered
 
 
 def _mask_layout(p: Tensor, grouping: str) -> tuple[tuple[int, ...], int, slice] | None:

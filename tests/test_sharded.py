@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 import rmda_fused
-from conftest import FAST_BACKENDS
 from sharded_harness import (
     SHAPES, assert_state_matches, full_mask, local_part, mesh, noisy, problem, run_ranks,
     start_ranks,
@@ -121,10 +120,9 @@ def _dtensor_groupings(rank, dim, backend):
                [t.zero_count for t in ref_w_report.tensors]
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("dim", [0, 1])
-def test_dtensor_parameters_match_one_process_in_every_grouping(dim, backend):
-    run_ranks(_dtensor_groupings, dim, backend)
+def test_dtensor_parameters_match_one_process_in_every_grouping(dim, fast_backend):
+    run_ranks(_dtensor_groupings, dim, fast_backend)
 
 
 def _small_model():
@@ -185,11 +183,16 @@ def _fsdp2_groupings(rank, backend):
         ref_order = [q for g in ref.param_groups for q in g["params"]]
         assert_state_matches(opt, order, ref, ref_order)
         _assert_some_groups_zero(ref, ref_order)
+        # memory per rank: W0 and V, each the size of the local shard
+        shard_bytes = sum(local(p).numel() * local(p).element_size() for p in order)
+        state_bytes = sum(local(opt.state[p][key]).numel() * local(opt.state[p][key]).element_size()
+                          for p in order for key in ("initial", "dual"))
+        assert state_bytes == 2 * shard_bytes
+        assert shard_bytes < sum(q.numel() * q.element_size() for q in ref_order)
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_fsdp2_fully_shard_matches_one_process(backend):
-    run_ranks(_fsdp2_groupings, backend)
+def test_fsdp2_fully_shard_matches_one_process(fast_backend):
+    run_ranks(_fsdp2_groupings, fast_backend)
 
 
 def _zero_redundancy(rank):
@@ -280,10 +283,9 @@ def _checkpoint_round_trip(rank, directory, backend):
                 assert torch.equal(full_mask(value), full_mask(other)), key
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_distributed_checkpoint_resumes_bit_identically(backend):
+def test_distributed_checkpoint_resumes_bit_identically(fast_backend):
     with tempfile.TemporaryDirectory() as directory:
-        run_ranks(_checkpoint_round_trip, directory, backend)
+        run_ranks(_checkpoint_round_trip, directory, fast_backend)
 
 
 def _killed_rank(rank, report, stop):
