@@ -47,8 +47,27 @@ def is_sharded(x: Any) -> bool:
 
 
 def local(x: Tensor | None) -> Tensor | None:
-    """The local shard of a DTensor; any other tensor (or None) as it is."""
-    return x.to_local() if is_sharded(x) else x
+    """The local shard of a DTensor; any other tensor (or None) as it is.
+
+    A contiguous shard is handed over with the strides of a new contiguous tensor: where a
+    dim has size 1 (a shard of one row or column) DTensor ops may give it other strides
+    than the state's, and the fused kernels want one layout for all four tensors."""
+    if not is_sharded(x):
+        return x
+    shard = x.to_local()
+    if shard.is_contiguous():
+        strides = _contiguous_strides(shard.shape)
+        if shard.stride() != strides:
+            return shard.as_strided(shard.shape, strides)
+    return shard
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.insert(0, step)
+        step *= max(n, 1)
+    return tuple(strides)
 
 
 def _shard_dim(p: Tensor) -> int | None:
@@ -127,12 +146,9 @@ def _wrap_mask(local_mask: Tensor, p: Tensor, layout: tuple) -> Tensor:
     shape, dim, rows = layout
     local_shape = list(shape)
     local_shape[dim] = len(range(shape[dim])[rows])
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.insert(0, step)
-        step *= max(n, 1)
     return DTensor.from_local(local_mask.reshape(local_shape), p.device_mesh, [Shard(dim)],
-                              run_check=False, shape=torch.Size(shape), stride=tuple(strides))
+                              run_check=False, shape=torch.Size(shape),
+                              stride=_contiguous_strides(shape))
 
 
 def new_zero_mask(p: Tensor, grouping: str, groups: int) -> Tensor:

@@ -1,15 +1,18 @@
 """Running a test body on 2 CPU processes over gloo, for tests/test_sharded.py.
 
-:func:`run_ranks` spawns the processes (torch.multiprocessing), each joining one process group
-through a rendezvous file with a short timeout, and re-raises the first rank's failure with
-its traceback. The bodies live in test_sharded.py; this module holds what they share: the
+:class:`Ranks` spawns the processes once (torch.multiprocessing), each joining one process
+group through a rendezvous file with a short timeout, runs the bodies the tests hand it on
+every rank, and fails the test with each failing rank's traceback. :func:`start_ranks`
+starts processes of their own for a test that kills one. The bodies live in test_sharded.py; this module holds what they share: the
 problems (parameters and gradient directions that zero some groups and keep others) and
 the comparisons with a single-process run.
 """
 from __future__ import annotations
 
 import os
+import queue
 import tempfile
+import traceback
 from datetime import timedelta
 
 import torch
@@ -20,10 +23,14 @@ WORLD = 2
 TIMEOUT = timedelta(seconds=20)  # a dead peer ends a collective with an error, not a hang
 
 
-def _entry(rank: int, body, init_file: str, args: tuple, timeout: timedelta = TIMEOUT) -> None:
+def _init(rank: int, init_file: str, timeout: timedelta) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD, timeout=timeout)
+
+
+def _entry(rank: int, body, init_file: str, args: tuple, timeout: timedelta = TIMEOUT) -> None:
+    _init(rank, init_file, timeout)
     try:
         body(rank, *args)
         dist.barrier()
@@ -31,11 +38,68 @@ def _entry(rank: int, body, init_file: str, args: tuple, timeout: timedelta = TI
         dist.destroy_process_group()
 
 
-def run_ranks(body, *args) -> None:
-    """``body(rank, *args)`` on every rank; any rank's exception fails the caller."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_entry, args=(body, os.path.join(tmp, "rendezvous"), args), nprocs=WORLD,
-                 join=True)
+def _serve(rank: int, init_file: str, inbox, outbox) -> None:
+    """A rank of :class:`Ranks`: runs each body it is sent, answers with None or the
+    traceback of its failure."""
+    _init(rank, init_file, TIMEOUT)
+    for body, args in iter(inbox.get, None):
+        try:
+            body(rank, *args)
+            dist.barrier()
+            outbox.put((rank, None))
+        except BaseException:  # noqa: BLE001 - the traceback travels to the test
+            outbox.put((rank, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class Ranks:
+    """WORLD processes in one process group, started once and reused by the tests (starting
+    them costs seconds: each imports torch); a failure starts fresh ones for the next."""
+
+    def __init__(self) -> None:
+        self._procs: list = []
+        self._inboxes: list = []
+
+    def _start(self) -> None:
+        context = mp.get_context("spawn")
+        self._tmp = tempfile.TemporaryDirectory()
+        init_file = os.path.join(self._tmp.name, "rendezvous")
+        self._outbox = context.Queue()
+        self._inboxes = [context.Queue() for _ in range(WORLD)]
+        self._procs = [context.Process(target=_serve, daemon=True,
+                                       args=(rank, init_file, inbox, self._outbox))
+                       for rank, inbox in enumerate(self._inboxes)]
+        for proc in self._procs:
+            proc.start()
+
+    def run(self, body, *args, timeout: float = 120.0) -> None:
+        """``body(rank, *args)`` on every rank; any rank's failure fails the caller."""
+        if not self._procs:
+            self._start()
+        for inbox in self._inboxes:
+            inbox.put((body, args))
+        failures = []
+        try:
+            for _ in range(WORLD):
+                rank, failure = self._outbox.get(timeout=timeout)
+                if failure is not None:
+                    failures.append(f"rank {rank}:\n{failure}")
+        except queue.Empty:
+            failures.append(f"no answer from every rank within {timeout} s")
+        if failures:
+            self.close()
+            raise AssertionError("\n".join(failures))
+
+    def close(self) -> None:
+        for inbox in self._inboxes:
+            inbox.put(None)
+        for proc in self._procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+        self._procs, self._inboxes = [], []
+        if hasattr(self, "_tmp"):
+            self._tmp.cleanup()
 
 
 def start_ranks(body, *args, timeout: timedelta = TIMEOUT) -> list:
@@ -113,3 +177,13 @@ def assert_state_matches(opt, params, ref, ref_params, tol: float = 1e-6) -> Non
         assert ("zero_mask" in mine) == ("zero_mask" in theirs), name
         if "zero_mask" in mine:
             assert torch.equal(full_mask(mine["zero_mask"]), theirs["zero_mask"]), name
+
+
+def assert_runs_on(opt, backend: str) -> None:
+    """Every route of every step plan runs on ``backend``: the local shards take the fused
+    kernels, no fallback to 'reference'."""
+    for plan in opt._plans.values():
+        names = {name for _, _, name, _, _ in plan.routes}
+        if plan.coupled is not None:
+            names |= {r.name for r in plan.coupled.routes}
+        assert names <= {backend}, names

@@ -17,13 +17,20 @@ from torch import nn
 
 import rmda_fused
 from sharded_harness import (
-    SHAPES, assert_state_matches, full_mask, local_part, mesh, noisy, problem, run_ranks,
+    SHAPES, assert_runs_on, assert_state_matches, full_mask, local_part, mesh, noisy, problem, Ranks,
     start_ranks,
 )
 from rmda_fused.sharding import apply_prox_point, local
 
 if not torch.distributed.is_available():  # pragma: no cover - every CI build has it
     pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
+
+@pytest.fixture(scope="module")
+def ranks():
+    pool = Ranks()
+    yield pool
+    pool.close()
+
 
 GROUPINGS = ("input_channel", "output_channel", "elementwise", "coupled", "none")
 # coupled groups written by hand for SHAPES: ids shared by columns of several tensors, two
@@ -98,6 +105,7 @@ def _dtensor_groupings(rank, dim, backend):
             scheduler.step()
             ref_scheduler.step()
         assert_state_matches(opt, params, ref, ref_params)
+        assert_runs_on(opt, backend)
         if grouping != "none":
             _assert_some_groups_zero(ref, ref_params)
         _assert_state_dicts_load(opt, params, ref, ref_params, grouping, backend, gen,
@@ -121,8 +129,8 @@ def _dtensor_groupings(rank, dim, backend):
 
 
 @pytest.mark.parametrize("dim", [0, 1])
-def test_dtensor_parameters_match_one_process_in_every_grouping(dim, fast_backend):
-    run_ranks(_dtensor_groupings, dim, fast_backend)
+def test_dtensor_parameters_match_one_process_in_every_grouping(ranks, dim, fast_backend):
+    ranks.run(_dtensor_groupings, dim, fast_backend)
 
 
 def _small_model():
@@ -182,6 +190,7 @@ def _fsdp2_groupings(rank, backend):
         order = [p for g in opt.param_groups for p in g["params"]]
         ref_order = [q for g in ref.param_groups for q in g["params"]]
         assert_state_matches(opt, order, ref, ref_order)
+        assert_runs_on(opt, backend)
         _assert_some_groups_zero(ref, ref_order)
         # memory per rank: W0 and V, each the size of the local shard
         shard_bytes = sum(local(p).numel() * local(p).element_size() for p in order)
@@ -191,8 +200,8 @@ def _fsdp2_groupings(rank, backend):
         assert shard_bytes < sum(q.numel() * q.element_size() for q in ref_order)
 
 
-def test_fsdp2_fully_shard_matches_one_process(fast_backend):
-    run_ranks(_fsdp2_groupings, fast_backend)
+def test_fsdp2_fully_shard_matches_one_process(ranks, fast_backend):
+    ranks.run(_fsdp2_groupings, fast_backend)
 
 
 def _zero_redundancy(rank):
@@ -236,8 +245,8 @@ def _zero_redundancy(rank):
     assert rmda_fused.structure.group_sparsity(zero, of="W").fraction == ref_report.fraction
 
 
-def test_zero_redundancy_optimizer_reports_model_wide_numbers():
-    run_ranks(_zero_redundancy)
+def test_zero_redundancy_optimizer_reports_model_wide_numbers(ranks):
+    ranks.run(_zero_redundancy)
 
 
 def _checkpoint_round_trip(rank, directory, backend):
@@ -283,9 +292,9 @@ def _checkpoint_round_trip(rank, directory, backend):
                 assert torch.equal(full_mask(value), full_mask(other)), key
 
 
-def test_distributed_checkpoint_resumes_bit_identically(fast_backend):
+def test_distributed_checkpoint_resumes_bit_identically(ranks, fast_backend):
     with tempfile.TemporaryDirectory() as directory:
-        run_ranks(_checkpoint_round_trip, directory, fast_backend)
+        ranks.run(_checkpoint_round_trip, directory, fast_backend)
 
 
 def _killed_rank(rank, report, stop):
