@@ -207,6 +207,7 @@ class RMDA(torch.optim.Optimizer):
                 raise TypeError(f"RMDA does not support complex parameters ({name}, shape {tuple(p.shape)})")
             if not p.is_floating_point():
                 raise TypeError(f"RMDA needs floating-point parameters ({name} is {p.dtype})")
+            sharding.check_placement(p, name)
         for device in dict.fromkeys(p.device for p in group["params"]):
             functional.resolve_backend(group["backend"], device)  # the step only looks it up
 

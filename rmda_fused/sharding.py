@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .grouping import group_view, zero_group_mask
 
-__all__ = ["is_sharded", "local", "cuts", "local_groups", "cut_groups", "new_zero_mask",
+__all__ = ["is_sharded", "local", "check_placement", "cuts", "local_groups", "cut_groups", "new_zero_mask",
            "fit_zero_mask", "like", "laid_out_like", "full", "reduce_group", "sum_across",
            "agree_on_flag", "zero_groups_of", "unwrap", "merge_masks", "apply_prox_point"]
 
@@ -84,6 +84,15 @@ def _shard_dim(p: Tensor) -> int | None:
         return None
     raise ValueError(f"RMDA cannot step a DTensor parameter placed as {placement} "
                      f"(shape {tuple(p.shape)}): a parameter is Shard(d) or Replicate()")
+
+
+def check_placement(p: Tensor, where: str) -> None:
+    """Refuse, naming ``where``, a DTensor parameter RMDA cannot step."""
+    if is_sharded(p):
+        try:
+            _shard_dim(p)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
 
 
 def cuts(p: Tensor, grouping: str) -> bool:

@@ -297,6 +297,26 @@ def test_distributed_checkpoint_resumes_bit_identically(ranks, fast_backend):
         ranks.run(_checkpoint_round_trip, directory, fast_backend)
 
 
+def _refused_meshes(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial, Shard, distribute_tensor
+    two_dims = init_device_mesh("cpu", (2, 1))
+    p = nn.Parameter(distribute_tensor(torch.ones(4, 4), two_dims, [Shard(0), Shard(1)],
+                                       src_data_rank=None))
+    with pytest.raises(ValueError, match=r"parameter 0: RMDA takes DTensor parameters on a "
+                                         r"1-D device mesh; got a 2-D mesh"):
+        rmda_fused.RMDA([p], lam=0.1)
+    partial = nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh(), [Shard(0)],
+                                             src_data_rank=None).redistribute(
+                                                 placements=[Partial()]))
+    with pytest.raises(ValueError, match="placed as P"):
+        rmda_fused.RMDA([partial], lam=0.1)
+
+
+def test_dtensors_rmda_cannot_step_are_refused_by_name(ranks):
+    ranks.run(_refused_meshes)
+
+
 def _killed_rank(rank, report, stop):
     from torch.distributed.tensor import Shard, distribute_tensor
     device_mesh = mesh()
