@@ -136,17 +136,21 @@ def cut_groups(tensors: list[tuple[Tensor, str]]) -> list[tuple[Tensor, Tensor]]
     return numbered
 
 
+def _split_layout(p: Tensor, grouping: str, dim: int) -> tuple[tuple[int, ...], int, slice]:
+    """(global shape, sharded dim, this rank's slice of it) of one bool per group of a
+    DTensor sharded along ``dim`` whose groups lie whole on the ranks, split among them."""
+    if grouping == "elementwise":  # one entry per element: p's shape
+        return tuple(p.shape), dim, _chunk(p.shape[dim], p)
+    return (p.shape[dim],), 0, _chunk(p.shape[dim], p)
+
+
 def _mask_layout(p: Tensor, grouping: str) -> tuple[tuple[int, ...], int, slice] | None:
-    """(global shape, sharded dim, local slice of that dim) of the zero mask of a DTensor
-    whose groups lie whole on the ranks and are split among them; None: a plain mask."""
+    """The layout of the zero mask of a DTensor whose groups lie whole on the ranks and
+    are split among them (:func:`_split_layout`); None: a plain mask."""
     if not is_sharded(p) or grouping == "none" or cuts(p, grouping):
         return None
     dim = _shard_dim(p)
-    if dim is None:
-        return None
-    if grouping == "elementwise":  # one entry per element: the mask has p's shape
-        return tuple(p.shape), dim, _chunk(p.shape[dim], p)
-    return (p.shape[dim],), 0, _chunk(p.shape[dim], p)
+    return None if dim is None else _split_layout(p, grouping, dim)
 
 
 def _wrap_mask(local_mask: Tensor, p: Tensor, layout: tuple) -> Tensor:
@@ -268,11 +272,9 @@ def zero_groups_of(p: Tensor, grouping: str) -> Tensor:
     dim = _shard_dim(p)
     if dim is None:
         return mine
-    layout = _mask_layout(p, grouping if grouping != "coupled" else "input_channel")
     if grouping == "elementwise" or local_groups(p, grouping) != slice(None):
-        if layout is None:  # coupled columns sharded: laid out as input_channel's
-            layout = ((p.shape[1],), 0, local_groups(p, grouping))
-        return _wrap_mask(mine, p, layout).full_tensor().reshape(-1)
+        # the groups are split among the ranks: gather them
+        return _wrap_mask(mine, p, _split_layout(p, grouping, dim)).full_tensor().reshape(-1)
     import torch.distributed as dist
     nonzero = (~mine).to(torch.int32)
     _all_reduce_(nonzero, p.device_mesh.get_group(0), dist.ReduceOp.SUM, "zero groups")
