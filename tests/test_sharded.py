@@ -92,6 +92,7 @@ def _dtensor_groupings(rank, dim, backend):
         ref = rmda_fused.RMDA(_param_groups(grouping, ref_params), backend=backend)
         scheduler = rmda_fused.MultiStepRestart(opt, milestones=[25], gamma=0.5)
         ref_scheduler = rmda_fused.MultiStepRestart(ref, milestones=[25], gamma=0.5)
+        trackers = [rmda_fused.IdentificationTracker(o) for o in (opt, ref)]
         gen = torch.Generator().manual_seed(1)
         for k in range(50):
             grads = noisy(directions, gen)
@@ -104,7 +105,11 @@ def _dtensor_groupings(rank, dim, backend):
             ref.step()
             scheduler.step()
             ref_scheduler.step()
+            for tracker in trackers:
+                tracker.update(k)
         assert_state_matches(opt, params, ref, ref_params)
+        assert trackers[0].flips == trackers[1].flips
+        assert trackers[0].last_change == trackers[1].last_change
         assert_runs_on(opt, backend)
         if grouping != "none":
             _assert_some_groups_zero(ref, ref_params)
