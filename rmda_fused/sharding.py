@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .grouping import group_view, zero_group_mask
 
-__all__ = ["is_sharded", "local", "check_placement", "cuts", "local_groups", "cut_groups", "new_zero_mask",
+__all__ = ["is_sharded", "local", "check_placement", "cuts", "local_groups", "cut_groups",
            "fit_zero_mask", "like", "laid_out_like", "full", "reduce_group", "sum_across",
            "agree_on_flag", "zero_groups_of", "unwrap", "merge_masks", "apply_prox_point"]
 
@@ -164,7 +164,7 @@ def _wrap_mask(local_mask: Tensor, p: Tensor, layout: tuple) -> Tensor:
                               stride=_contiguous_strides(shape))
 
 
-def new_zero_mask(p: Tensor, grouping: str, groups: int) -> Tensor:
+def _new_zero_mask(p: Tensor, grouping: str, groups: int) -> Tensor:
     """An all-False zero mask of the ``groups`` groups of ``p``: a DTensor sharded like the
     groups where they lie whole on the ranks, else a plain tensor of every group."""
     layout = _mask_layout(p, grouping)
@@ -176,10 +176,10 @@ def new_zero_mask(p: Tensor, grouping: str, groups: int) -> Tensor:
 
 
 def fit_zero_mask(p: Tensor, grouping: str, groups: int, mask: Tensor | None) -> Tensor:
-    """``mask`` as :func:`new_zero_mask` would lay it out, keeping its values (a mask loaded
+    """``mask`` as :func:`_new_zero_mask` would lay it out, keeping its values (a mask loaded
     from an unsharded run, or saved sharded); a new mask when it has another size."""
     if mask is None or mask.numel() != groups:
-        return new_zero_mask(p, grouping, groups)
+        return _new_zero_mask(p, grouping, groups)
     layout = _mask_layout(p, grouping)
     if layout is None and not is_sharded(mask):
         return mask
