@@ -19,6 +19,7 @@ from torch import Tensor
 from .batch import state_dtype
 from .coupled import check_channel_groups
 from .grouping import effective_grouping, group_view
+from .sharding import laid_out_like, local
 from .structure import MASK_KEY, with_current_mask_key
 
 if TYPE_CHECKING:
@@ -143,6 +144,8 @@ def _as_state(key: str, value: Any, p: Tensor) -> Tensor:
     if not isinstance(value, Tensor):  # a step or alpha saved as a Python number
         return torch.tensor(value, dtype=dtype, device=p.device)
     if key in ("step", "alpha"):
-        value = value.reshape(())
+        value = local(value).reshape(())  # replicated: every rank holds the same
+    elif key in ("initial", "dual"):  # e.g. a single-process state dict for DTensors
+        value = laid_out_like(p, value)
     device = value.device if key == "step" else p.device
     return value.to(device=device, dtype=dtype, copy=True)

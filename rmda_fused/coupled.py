@@ -12,12 +12,15 @@ The tensors whose groups reach other tensors step as "partials -> reduce -> appl
 backend's ``rmda_partials_`` advances t and A, updates V and sums z^2 per column; the reduce
 here (torch ops, shared by every backend) sums the columns of each group and turns the norms
 into a shrink factor and a zero flag per column; each backend's ``rmda_apply_`` writes W. The
-reduce is the one place a sharded run adds its all-reduce. A tensor none of whose groups
+reduce is the one place a sharded run adds its all-reduce: DTensor shards whose groups the
+sharding cuts (rmda_fused/sharding.py) take the same three phases, with their groups'
+columns or rows as :class:`Member` s. A tensor none of whose groups
 reaches another tensor, with one column per group, is an ordinary input_channel tensor and
 takes the single-kernel step (:func:`split_members`).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -27,8 +30,9 @@ from torch import Tensor
 from .batch import StepBatch, StepOptions, state_dtype
 from .grouping import norm_dims
 
-__all__ = ["check_channel_groups", "check_members_step_together", "split_members", "CoupledStep", "coupled_prox_",
-           "coupled_zero_masks", "group_entries"]
+__all__ = ["check_channel_groups", "check_members_step_together", "split_members", "Member",
+           "coupled_entries", "coupled_members", "CoupledStep", "coupled_prox_",
+           "coupled_zero_masks", "group_entries", "group_shape"]
 
 
 def check_channel_groups(group: dict[str, Any], where: str) -> None:
@@ -142,60 +146,117 @@ def shrink(norms: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
     return scale, norms <= thresholds
 
 
+@dataclass(frozen=True)
+class Member:
+    """One tensor's share of a partials -> reduce -> apply step.
+
+    ``entry`` is the step plan's row (position, p, g, W0, V, t, A, mask, view) of the tensor
+    or, for a DTensor, of its local shard; ``grouping`` says which dim its groups index
+    ("coupled"/"input_channel": columns, "output_channel": rows), and so the view its
+    kernels walk. ``ids`` holds the reduce's group id of every group of the whole tensor,
+    ``sizes`` each one's |G| (entries over all its members), ``local`` the groups the shard
+    holds (all of them but for a DTensor sharded along the groups' dim)."""
+
+    entry: tuple
+    grouping: str
+    ids: Tensor
+    sizes: Tensor
+    local: slice
+
+
+def coupled_entries(group: dict[str, Any]) -> Tensor:
+    """|G| of every coupled group of a coupled param group (float64, by group id)."""
+    params, ids = group["params"], group["channel_groups"]
+    regularized = [i for i, p in enumerate(params) if p.dim() >= 2]
+    all_ids = [ids[i] for i in regularized]
+    num_groups = int(torch.cat(all_ids).max()) + 1 if all_ids else 0
+    return group_entries([params[i] for i in regularized], all_ids, num_groups)
+
+
+def coupled_members(group: dict[str, Any], entries: list[tuple],
+                    local_groups: Callable[[Tensor, str], slice]) -> list[Member]:
+    """The members of a coupled param group's reduce, for the plan's ``entries``;
+    ``local_groups(p, grouping)`` is the share of p's columns its shard holds."""
+    params, ids = group["params"], group["channel_groups"]
+    sizes = coupled_entries(group)
+    return [Member(entry, "coupled", ids[entry[0]], sizes[ids[entry[0]]],
+                   local_groups(params[entry[0]], "coupled")) for entry in entries]
+
+
 @dataclass
 class _Route:
-    """One backend's share of a coupled step: its batch (gradients filled in per step), its
-    columns' group ids, and the buffers its kernels write."""
+    """One backend's share of a reduce step: its batch (gradients filled in per step), its
+    groups' ids, and the buffers its kernels write."""
 
     name: str
     device: torch.device
+    grouping: str                 # of its tensors' views (the reference backend's dims)
     template: StepBatch
     positions: list[int]          # in the param group
-    columns: list[int]            # columns per tensor
-    ids: Tensor                   # group id of every column, on the reduce's device
-    tensor_of_column: Tensor      # route-local tensor index of every column, on `device`
-    sqrt_entries: Tensor          # sqrt(|G|) of every column's group, on `device`
-    partials: Tensor              # flat, one entry per column (views handed to the kernels)
+    groups: list[int]             # groups per local shard (partials, scales)
+    mask_groups: list[int]        # groups per tensor (zero masks)
+    ids: Tensor                   # group id of every local group, on the reduce's device
+    mask_ids: Tensor              # group id of every group of the tensors, likewise
+    tensor_of_group: Tensor       # route-local tensor index of every mask group, on `device`
+    sqrt_entries: Tensor          # sqrt(|G|) of every mask group, on `device`
+    local_index: Tensor | None    # the local groups among the mask groups (None: all)
+    partials: Tensor              # flat, one entry per local group (views to the kernels)
     scales: Tensor
 
 
 class CoupledStep:
-    """The partials -> reduce -> apply step of a coupled param group's crossing tensors,
-    built once per step plan. ``entries`` are the plan's rows (position, p, g, W0, V, t, A,
-    mask, view); ``route`` is :func:`rmda_fused.functional.route_batch`."""
+    """The partials -> reduce -> apply step of the tensors whose groups reach beyond one
+    tensor or one shard: a coupled param group's crossing tensors, and the DTensors whose
+    groups the sharding cuts (rmda_fused/sharding.py); built once per step plan.
+    ``route`` is :func:`rmda_fused.functional.route_batch`; ``all_reduce``, set for a
+    sharded run, sums the group sums of z^2 across ranks before the norms are taken."""
 
-    # set by a sharded run: called on the group sums of z^2 before the norms are taken
     all_reduce: Callable[[Tensor], None] | None = None
 
-    def __init__(self, group: dict[str, Any], entries: list[tuple], backend: str,
-                 route: Callable[[StepBatch, str, str], list]) -> None:
-        params = [entry[1] for entry in entries]
-        dtypes = {state_dtype(p.dtype) for p in params}
+    def __init__(self, members: list[Member], backend: str,
+                 route: Callable[[StepBatch, str, str], list],
+                 all_reduce: Callable[[Tensor], None] | None = None) -> None:
+        dtypes = {state_dtype(m.entry[1].dtype) for m in members}
         if len(dtypes) > 1:
-            raise TypeError("RMDA: the tensors of one coupled param group must share a state "
-                            "dtype (fp64 parameters cannot be coupled with others)")
+            raise TypeError("RMDA: the tensors of one coupled or sharded reduce must share a "
+                            "state dtype (fp64 parameters cannot be reduced with others)")
         self.dtype = dtypes.pop()
-        ids = [group["channel_groups"][entry[0]] for entry in entries]
-        # the ids these tensors use, renumbered 0..n-1
-        used, local = torch.unique(torch.cat(ids), return_inverse=True)
+        self.all_reduce = all_reduce
+        # the ids these tensors use, renumbered 0..n-1 (the same on every rank)
+        used, inverse = torch.unique(torch.cat([m.ids for m in members]), return_inverse=True)
         self.num_groups = used.numel()
-        sizes = group_entries(params, local.split([x.numel() for x in ids]), self.num_groups)
-        batch = StepBatch(*map(list, zip(*(entry[1:] for entry in entries))))
-        local_ids = local.split([x.numel() for x in ids])
-        self.device = params[0].device
+        mask_ids = inverse.split([m.ids.numel() for m in members])
+        self.device = members[0].entry[1].device
         self.routes: list[_Route] = []
-        for device, name, picked in route(batch, "input_channel", backend):
-            sub = batch.select(picked)
-            columns = [ids[k].numel() for k in picked]
-            col_ids = torch.cat([local_ids[k] for k in picked])
-            owner = torch.repeat_interleave(torch.arange(len(picked)), torch.tensor(columns))
-            n = col_ids.numel()
-            self.routes.append(_Route(
-                name, device, sub, [entries[k][0] for k in picked], columns,
-                col_ids.to(self.device), owner.to(device),
-                sizes[col_ids].sqrt().to(device=device, dtype=self.dtype),
-                torch.zeros(n, dtype=self.dtype, device=device),
-                torch.zeros(n, dtype=self.dtype, device=device)))
+        by_grouping: dict[str, list[int]] = {}
+        for k, m in enumerate(members):
+            by_grouping.setdefault(m.grouping, []).append(k)
+        for grouping, ks in by_grouping.items():
+            batch = StepBatch(*map(list, zip(*(members[k].entry[1:] for k in ks))))
+            for device, name, picked in route(batch, grouping, backend):
+                self.routes.append(self._route(name, device, grouping, batch.select(picked),
+                                               [members[ks[j]] for j in picked],
+                                               [mask_ids[ks[j]] for j in picked]))
+
+    def _route(self, name: str, device: torch.device, grouping: str, batch: StepBatch,
+               members: list[Member], mask_ids: list[Tensor]) -> _Route:
+        mask_groups = [ids.numel() for ids in mask_ids]
+        local_ids = [ids[m.local] for ids, m in zip(mask_ids, members)]
+        groups = [ids.numel() for ids in local_ids]
+        owner = torch.repeat_interleave(torch.arange(len(members)), torch.tensor(mask_groups))
+        local_index = None
+        if groups != mask_groups:
+            starts = torch.tensor([0] + mask_groups).cumsum(0)
+            local_index = torch.cat([torch.arange(start, start + n)[m.local] for start, n, m
+                                     in zip(starts.tolist(), mask_groups, members)]).to(device)
+        n = sum(groups)
+        return _Route(
+            name, device, grouping, batch, [m.entry[0] for m in members], groups, mask_groups,
+            torch.cat(local_ids).to(self.device), torch.cat(mask_ids).to(self.device),
+            owner.to(device),
+            torch.cat([m.sizes for m in members]).sqrt().to(device=device, dtype=self.dtype),
+            local_index, torch.zeros(n, dtype=self.dtype, device=device),
+            torch.zeros(n, dtype=self.dtype, device=device))
 
     def run(self, group: dict[str, Any], grads: list[Tensor | None], options: StepOptions,
             run_phase: Callable[..., None]) -> None:
@@ -206,8 +267,9 @@ class CoupledStep:
         for r in self.routes:
             batch = r.template.with_grads([grads[i] for i in r.positions])
             batches.append(batch)
-            run_phase("rmda_partials_", r.name, r.device, batch, options,
-                      list(r.partials.split(r.columns)))
+            run_phase("rmda_partials_", r.name, r.device, batch,
+                      dataclasses.replace(options, grouping=r.grouping),
+                      list(r.partials.split(r.groups)))
         totals = torch.zeros(self.num_groups, dtype=self.dtype, device=self.device)
         for r in self.routes:
             totals.index_add_(0, r.ids, r.partials.to(self.device))
@@ -218,28 +280,33 @@ class CoupledStep:
         for r, batch in zip(self.routes, batches):
             steps, alphas = torch.stack(batch.steps), torch.stack(batch.alphas)
             taus = alphas.div_(steps.sqrt_()).mul_(float(options.lam))  # lam * A / beta
-            thresholds = taus.index_select(0, r.tensor_of_column).mul_(r.sqrt_entries)
-            scale, zero = shrink(norms.index_select(0, r.ids).to(r.device), thresholds)
-            r.scales.copy_(scale)
+            thresholds = taus.index_select(0, r.tensor_of_group).mul_(r.sqrt_entries)
+            scale, zero = shrink(norms.index_select(0, r.mask_ids).to(r.device), thresholds)
+            r.scales.copy_(scale if r.local_index is None else scale[r.local_index])
             masks = batch.zero_masks
             if found_inf is not None:  # a skipped step keeps the last masks
                 skip = found_inf.reshape(()).to(r.device) != 0
                 zero = torch.where(skip, torch.cat(masks), zero)
-            torch._foreach_copy_(masks, list(zero.split(r.columns)))
-            run_phase("rmda_apply_", r.name, r.device, batch, options,
-                      list(r.scales.split(r.columns)))
+            torch._foreach_copy_(masks, list(zero.split(r.mask_groups)))
+            run_phase("rmda_apply_", r.name, r.device, batch,
+                      dataclasses.replace(options, grouping=r.grouping),
+                      list(r.scales.split(r.groups)))
 
 
 def coupled_prox_(zs: Sequence[Tensor], ids: Sequence[Tensor], taus: Sequence[Tensor | float],
-                  entries: Tensor | None = None) -> list[Tensor]:
+                  entries: Tensor | None = None, groupings: Sequence[str] | None = None,
+                  all_reduce: Callable[[Tensor], None] | None = None) -> list[Tensor]:
     """The prox of coupled groups, in place on the pre-prox points ``zs`` (one per member
     tensor, in their state dtype), with ``ids`` their columns' group ids and ``taus`` each
     tensor's lam*A/beta. ``entries``: |G| per group (default: from these tensors).
-    Returns each tensor's per-column zero flags. Plain torch ops, for prox points and
-    ProxSGD (which shrinks its parameters themselves); the optimizer's step uses the
-    kernels' partials instead."""
+    ``groupings`` (default all "coupled") says per tensor whether its groups are columns or
+    rows ("output_channel"), and ``all_reduce`` sums the group sums of z^2 across ranks
+    when the ``zs`` are shards (rmda_fused/sharding.py). Returns each tensor's per-group
+    zero flags. Plain torch ops, for prox points and ProxSGD (which shrinks its parameters
+    themselves); the optimizer's step uses the kernels' partials instead."""
     if not zs:
         return []
+    groupings = groupings or ["coupled"] * len(zs)
     device, dtype = zs[0].device, state_dtype(zs[0].dtype)
     if entries is None:
         all_ids = torch.cat([x.reshape(-1) for x in ids])
@@ -247,20 +314,30 @@ def coupled_prox_(zs: Sequence[Tensor], ids: Sequence[Tensor], taus: Sequence[Te
     num_groups = entries.numel()
     totals = torch.zeros(num_groups, dtype=dtype, device=device)
     on_device = [x.to(device) for x in ids]
-    for z, col_ids in zip(zs, on_device):
-        totals.index_add_(0, col_ids, _column_sumsq(z).to(dtype))
+    for z, col_ids, grouping in zip(zs, on_device, groupings):
+        totals.index_add_(0, col_ids, _group_sumsq(z, grouping).to(dtype))
+    if all_reduce is not None:
+        all_reduce(totals)
     norms = totals.sqrt()
     sqrt_entries = entries.to(device=device, dtype=dtype).sqrt()
     masks = []
-    for z, col_ids, tau in zip(zs, on_device, taus):
+    for z, col_ids, tau, grouping in zip(zs, on_device, taus, groupings):
         scale, zero = shrink(norms[col_ids], tau * sqrt_entries[col_ids])
-        z.mul_(scale.reshape((1, -1) + (1,) * (z.dim() - 2)).to(z.dtype))
+        z.mul_(scale.reshape(group_shape(z.dim(), grouping)).to(z.dtype))
         masks.append(zero)
     return masks
 
 
-def _column_sumsq(z: Tensor) -> Tensor:
-    return z.square().sum(dim=norm_dims(z.dim(), "coupled"), dtype=state_dtype(z.dtype))
+def group_shape(ndim: int, grouping: str) -> tuple[int, ...]:
+    """The shape that broadcasts one value per column (or per row, for output_channel)
+    against a tensor of ``ndim`` dims."""
+    if grouping == "output_channel":
+        return (-1,) + (1,) * (ndim - 1)
+    return (1, -1) + (1,) * (ndim - 2)
+
+
+def _group_sumsq(z: Tensor, grouping: str) -> Tensor:
+    return z.square().sum(dim=norm_dims(z.dim(), grouping), dtype=state_dtype(z.dtype))
 
 
 def coupled_zero_masks(column_masks: Sequence[Tensor], ids: Sequence[Tensor]) -> Tensor:

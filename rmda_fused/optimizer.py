@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from . import _state_loading, coupled, functional
+from . import _state_loading, coupled, functional, sharding
 from ._step_plan import GroupPlan
 from ._warnings import warn_caller
 from .batch import state_dtype
@@ -207,6 +207,7 @@ class RMDA(torch.optim.Optimizer):
                 raise TypeError(f"RMDA does not support complex parameters ({name}, shape {tuple(p.shape)})")
             if not p.is_floating_point():
                 raise TypeError(f"RMDA needs floating-point parameters ({name} is {p.dtype})")
+            sharding.check_placement(p, name)
         for device in dict.fromkeys(p.device for p in group["params"]):
             functional.resolve_backend(group["backend"], device)  # the step only looks it up
 
@@ -228,8 +229,9 @@ class RMDA(torch.optim.Optimizer):
             state["alpha"] = torch.zeros((), dtype=acc, device=p.device)
         if view is None:
             state.pop(MASK_KEY, None)
-        elif MASK_KEY not in state or state[MASK_KEY].numel() != view.groups:
-            state[MASK_KEY] = torch.zeros(view.groups, dtype=torch.bool, device=p.device)
+        else:  # a DTensor's mask is laid out by rmda_fused/sharding.py
+            state[MASK_KEY] = sharding.fit_zero_mask(p, grouping, view.groups,
+                                                     state.get(MASK_KEY))
         return state
 
     @torch.no_grad()
@@ -263,9 +265,11 @@ class RMDA(torch.optim.Optimizer):
             work.append((group, grads, plan))
         checked_inf = found_inf
         if found_inf is None:  # no GradScaler checked these gradients: check them here
-            checked_inf = functional.nonfinite_flag(
-                [g for group, grads, _ in work if group["skip_nonfinite"]
-                 for g in grads if g is not None])
+            checked = [(p, g) for group, grads, _ in work if group["skip_nonfinite"]
+                       for p, g in zip(group["params"], grads) if g is not None]
+            checked_inf = functional.nonfinite_flag([sharding.local(g) for _, g in checked])
+            if any(plan.sharded for _, _, plan in work):  # each rank saw its shards only
+                checked_inf = sharding.agree_on_flag(checked_inf, [p for p, _ in checked])
         for group, grads, plan in work:
             skip_flag = checked_inf if group["skip_nonfinite"] else found_inf
             plan.run(group, grads, grad_scale, skip_flag)
@@ -331,10 +335,12 @@ class RMDA(torch.optim.Optimizer):
 
     def _prox_points(self, group: dict[str, Any], only: int | None = None) -> dict[int, Tensor]:
         """{position: z} for the parameters of ``group`` (just ``only`` and what its groups
-        need, if given), in the parameters' dtypes."""
+        need, if given), in the parameters' dtypes; a DTensor's z is a DTensor laid out
+        like it, computed from the local shards (a collective where its groups are cut:
+        every rank calls this)."""
         params = group["params"]
         points: dict[int, Tensor] = {}
-        pending = []  # coupled members: their prox needs the others' z
+        pending = []  # coupled members and cut shards: their prox needs the others' z
         for i, p in enumerate(params):
             grouping = effective_grouping(p.shape, group["grouping"])
             if only is not None and i != only and grouping != "coupled":
@@ -344,25 +350,42 @@ class RMDA(torch.optim.Optimizer):
                 points[i] = p.detach().clone()
                 continue
             beta = state["step"].sqrt()
-            z = state["initial"].to(state["dual"].dtype) - state["dual"] / beta
+            dual = sharding.local(state["dual"])
+            z = sharding.local(state["initial"]).to(dual.dtype) - dual / beta
             tau = group["lam"] * state["alpha"] / beta
-            if grouping == "coupled":
-                pending.append((i, z, tau))
+            if grouping == "coupled" or sharding.cuts(p, grouping):
+                pending.append((i, z, tau, grouping))
                 continue
             if grouping != "none":
                 group_prox_(z, tau, grouping)
-            points[i] = z.to(p.dtype)
+            points[i] = sharding.like(p, z.to(p.dtype))
         if pending:
-            ids = group["channel_groups"]
-            regularized = [q for q in params if q.dim() >= 2]
-            cols = [ids[i] for i, q in enumerate(params) if q.dim() >= 2]
-            num_groups = int(torch.cat(cols).max()) + 1 if cols else 0
-            coupled.coupled_prox_([z for _, z, _ in pending], [ids[i] for i, _, _ in pending],
-                                  [tau for _, _, tau in pending],
-                                  coupled.group_entries(regularized, cols, num_groups))
-            for i, z, _ in pending:
-                points[i] = z.to(params[i].dtype)
+            ids, entries = self._reduce_numbering(group, [(i, g) for i, _, _, g in pending])
+            shards = [params[i] for i, *_ in pending if sharding.is_sharded(params[i])]
+            all_reduce = None if not shards else sharding.sum_across(
+                sharding.reduce_group(shards, "RMDA: a param group"), "the group sums of z^2")
+            coupled.coupled_prox_([z for _, z, _, _ in pending], ids,
+                                  [tau for _, _, tau, _ in pending], entries,
+                                  [g for *_, g in pending], all_reduce)
+            for i, z, _, _ in pending:
+                points[i] = sharding.like(params[i], z.to(params[i].dtype))
         return points
+
+    @staticmethod
+    def _reduce_numbering(group: dict[str, Any],
+                          members: list[tuple[int, str]]) -> tuple[list[Tensor], Tensor]:
+        """(group ids of each member's local groups, |G| per id) of a prox over groups
+        that span tensors or shards: a coupled param group's ids, else each cut tensor's
+        groups numbered in turn."""
+        params = group["params"]
+        if group["grouping"] == "coupled":
+            ids = group["channel_groups"]
+            return ([ids[i][sharding.local_groups(params[i], g)] for i, g in members],
+                    coupled.coupled_entries(group))
+        numbered = sharding.cut_groups([(params[i], g) for i, g in members])
+        return ([ids[sharding.local_groups(params[i], g)]
+                 for (i, g), (ids, _) in zip(members, numbered)],
+                torch.cat([sizes for _, sizes in numbered]))
 
     # -- state_dict ------------------------------------------------------------------------
 

@@ -6,6 +6,8 @@ from typing import Any, Iterable
 
 from torch.optim.lr_scheduler import MultiStepLR
 
+from .sharding import unwrap
+
 MOMENTUM_SCHEDULES = (None, "iclr", "sqrt")
 
 
@@ -20,6 +22,10 @@ class MultiStepRestart(MultiStepLR):
     - ``"sqrt"`` (their follow-up code): after the last milestone, the k-th optimizer step
       uses c = min(c0 * sqrt(k), 1), c0 being the group's momentum when the scheduler was made.
       k counts ``optimizer.step()`` calls, including ones a GradScaler turned into no-ops.
+
+    ``optimizer`` may be a wrapper exposing ``.optim`` (ZeroRedundancyOptimizer over RMDA):
+    lr and c are set on its param groups, which it hands to ``.optim`` at each step, and
+    ``.optim`` restarts the parameters this rank holds.
     """
 
     def __init__(
@@ -30,10 +36,13 @@ class MultiStepRestart(MultiStepLR):
         momentum_schedule: str | None = None,
         last_epoch: int = -1,
     ) -> None:
-        if not callable(getattr(optimizer, "restart", None)):
+        # a wrapper that shards the optimizer (ZeroRedundancyOptimizer) holds it in .optim:
+        # lr and c are set on the wrapper's groups, which it hands on at each step
+        self._restarted, _ = unwrap(optimizer)
+        if not callable(getattr(self._restarted, "restart", None)):
             raise TypeError(
-                f"MultiStepRestart needs an optimizer with restart() (rmda_fused.RMDA), "
-                f"got {type(optimizer).__name__}"
+                f"MultiStepRestart needs an optimizer with restart() (rmda_fused.RMDA, or a "
+                f"wrapper of one exposing .optim), got {type(optimizer).__name__}"
             )
         milestones = list(milestones)
         if any(not isinstance(m, int) or m <= 0 for m in milestones) or milestones != sorted(set(milestones)):
@@ -58,7 +67,7 @@ class MultiStepRestart(MultiStepLR):
         super().step(epoch)
         if self.last_epoch not in self.milestones:
             return
-        self.optimizer.restart()
+        self._restarted.restart()
         if self.momentum_schedule == "iclr":
             for group in self.optimizer.param_groups:
                 group["momentum"] = min(group["momentum"] / self.gamma, 1.0)
@@ -78,10 +87,11 @@ class MultiStepRestart(MultiStepLR):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.pop("_hook", None)  # a hook handle is live wiring, not state
+        for key in ("_hook", "_restarted"):  # live wiring, not state
+            state.pop(key, None)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        hook = self._hook
+        hook, restarted = self._hook, self._restarted
         super().load_state_dict(state_dict)
-        self._hook = hook
+        self._hook, self._restarted = hook, restarted

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from .coupled import coupled_zero_masks, group_entries
-from .grouping import effective_grouping, group_view, zero_group_mask
+from .grouping import effective_grouping, group_view
+from .sharding import full, merge_masks, unwrap, zero_groups_of
 
 # the state key of z's zero mask, in RMDA and ProxSGD; state dicts saved before it was
 # renamed hold it as "zero_groups"
@@ -117,26 +118,34 @@ def _units(optimizer: torch.optim.Optimizer) -> Iterator[_Unit]:
             yield _Unit([p for p, _ in members], "coupled", [ids for _, ids in members], index)
 
 
-def _column_mask(optimizer: torch.optim.Optimizer, p: Tensor, grouping: str, of: str) -> Tensor:
-    state = optimizer.state.get(p, {})
+def _column_mask(state_of: dict, p: Tensor, grouping: str, of: str) -> Tensor:
+    state = state_of.get(p, {})
     if of == "z" and MASK_KEY in state:
-        return state[MASK_KEY]
+        return full(state[MASK_KEY]).reshape(-1)  # a DTensor's: gathered
     if of == "z":  # no step yet: z is undefined, report no zero group
         return torch.zeros(group_view(p.shape, grouping).groups, dtype=torch.bool, device=p.device)
-    return zero_group_mask(p, grouping)
+    return zero_groups_of(p, grouping)
 
 
-def _unit_mask(optimizer: torch.optim.Optimizer, unit: _Unit, of: str) -> Tensor:
+def _unit_mask(state_of: dict, unit: _Unit, of: str) -> Tensor:
     """One bool per group of the unit (for a coupled unit, per coupled group in id order)."""
     if of not in ("z", "W"):
         raise ValueError(f"of must be 'z' or 'W', got {of!r}")
-    masks = [_column_mask(optimizer, p, unit.grouping, of) for p in unit.params]
+    masks = [_column_mask(state_of, p, unit.grouping, of) for p in unit.params]
     return masks[0] if unit.ids is None else coupled_zero_masks(masks, unit.ids)
 
 
-def _zero_masks(optimizer: torch.optim.Optimizer, of: str) -> list[Tensor]:
-    """One bool mask per report entry: z's from the state, or W's computed now."""
-    return [_unit_mask(optimizer, unit, of) for unit in _units(optimizer)]
+def _zero_masks(optimizer: Any, of: str) -> tuple[list[_Unit], list[Tensor]]:
+    """The report entries of ``optimizer`` and one bool mask each, model-wide: z's from
+    the state, or W's computed now. Through a wrapper that shards the optimizer
+    (ZeroRedundancyOptimizer's ``.optim``), each rank holds the state of its parameters
+    only: their masks are merged across ranks (a collective: every rank calls this)."""
+    inner, process_group = unwrap(optimizer)
+    units = list(_units(optimizer))
+    masks = [_unit_mask(inner.state, unit, of) for unit in units]
+    if process_group is not None and of == "z":
+        masks = merge_masks(masks, process_group)
+    return units, masks
 
 
 def group_sparsity(
@@ -146,10 +155,12 @@ def group_sparsity(
     group is one entry with one group per coupled group.
 
     ``model`` only names the tensors in the report. One host sync for the whole report.
+    ``optimizer`` may be a wrapper exposing ``.optim`` (ZeroRedundancyOptimizer) and hold
+    DTensors: the report is then model-wide, gathered across ranks, and every rank calls
+    this.
     """
     names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
-    units = list(_units(optimizer))
-    masks = [_unit_mask(optimizer, unit, of) for unit in units]
+    units, masks = _zero_masks(optimizer, of)
     counts = (torch.stack([m.sum() for m in masks]).tolist() if masks else [])
     tensors = []
     for i, (unit, mask, count) in enumerate(zip(units, masks, counts)):
@@ -190,7 +201,7 @@ class IdentificationTracker:
         self.indices: list[int] = []
 
     def _pattern(self) -> Tensor | None:
-        masks = _zero_masks(self.optimizer, "z")
+        _, masks = _zero_masks(self.optimizer, "z")
         if not masks:
             return None
         device = masks[0].device

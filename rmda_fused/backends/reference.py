@@ -4,8 +4,10 @@ It is the readable statement of docs/algorithm.md, "The update", in torch ops an
 wherever torch runs, on any layout. Unlike the fused backends it materialises the new
 values (z, V, W, t, A) before writing them, so that a step with ``found_inf`` set commits
 nothing, without reading found_inf on the host (no sync; torch.compile traces it whole).
-``rmda_partials_`` and ``rmda_apply_`` are the two halves of a coupled-group step
-(rmda_fused/coupled.py), written from the same pieces.
+``rmda_partials_`` and ``rmda_apply_`` are the two halves of a partials -> reduce -> apply
+step (rmda_fused/coupled.py), written from the same pieces; ``options.grouping`` says
+whether a tensor's groups are its columns ("coupled", "input_channel") or its rows
+("output_channel").
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..batch import StepBatch, StepOptions, state_dtype
+from ..coupled import group_shape
 from ..grouping import group_prox_, norm_dims
 
 
@@ -79,7 +82,8 @@ def rmda_partials_(batch: StepBatch, options: StepOptions, partials: list[Tensor
     if not len(batch):
         return
     new_steps, _, new_alphas, new_duals, zs = _dual_average(batch, options)
-    sums = [z.square().sum(dim=norm_dims(z.dim(), "coupled"), dtype=state_dtype(z.dtype))
+    # options.grouping says which dim the groups index (columns, or rows for output_channel)
+    sums = [z.square().sum(dim=norm_dims(z.dim(), options.grouping), dtype=state_dtype(z.dtype))
             for z in zs]
     _commit([(batch.steps, new_steps), (batch.alphas, new_alphas), (batch.duals, new_duals)],
             options.found_inf)
@@ -90,6 +94,6 @@ def rmda_apply_(batch: StepBatch, options: StepOptions, scales: list[Tensor]) ->
     if not len(batch):
         return
     zs = _prox_inputs(batch, batch.duals, torch._foreach_sqrt(batch.steps))
-    for z, scale in zip(zs, scales):  # the shrink factor of each column's group
-        z.mul_(scale.reshape((1, -1) + (1,) * (z.dim() - 2)))
+    for z, scale in zip(zs, scales):  # the shrink factor of each group
+        z.mul_(scale.reshape(group_shape(z.dim(), options.grouping)))
     _commit([(batch.params, _mixed(batch.params, zs, options.momentum))], options.found_inf)
