@@ -76,6 +76,18 @@ def run_coupled(backend, device="cpu", dtype=torch.float32, steps=24, restart_at
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def step_twins(opt, twin, params, twin_params, gen, steps=1):
+    """Step two optimizers on the same random gradients; their parameters must stay equal."""
+    for _ in range(steps):
+        for p, q in zip(params, twin_params):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        twin.step()
+    for p, q in zip(params, twin_params):
+        assert torch.equal(p, q)
+
+
 def test_coupled_groups_match_the_float64_reference(backend, device, dtype):
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("covered in fp32/bf16 for the interpreter's sake")
@@ -111,14 +123,8 @@ def test_a_chain_without_shared_channels_is_input_channel_exactly(fast_backend):
     coupled = rmda_fused.RMDA([dict(params=first, grouping="coupled", channel_groups=ids)],
                               lr=0.1, lam=0.8, backend=fast_backend)
     plain = rmda_fused.RMDA(second, lr=0.1, lam=0.8, backend=fast_backend)
-    for _ in range(5):
-        for p, q in zip(first, second):
-            p.grad = torch.randn(p.shape, generator=gen)
-            q.grad = p.grad.clone()
-        coupled.step()
-        plain.step()
+    step_twins(coupled, plain, first, second, gen, steps=5)
     for p, q in zip(first, second):
-        assert torch.equal(p, q)
         assert torch.equal(coupled.state[p]["zero_mask"], plain.state[q]["zero_mask"])
 
 
@@ -157,14 +163,7 @@ def test_state_dict_round_trip_keeps_the_coupling(fast_backend):
     group, *_ = coupled_problem()
     twin = rmda_fused.RMDA([dict(group, params=twin_params)], backend=fast_backend)
     twin.load_state_dict(torch.load(buffer, weights_only=True))
-    gen = torch.Generator().manual_seed(9)
-    for p, q in zip(params, twin_params):
-        p.grad = torch.randn(p.shape, generator=gen)
-        q.grad = p.grad.clone()
-    opt.step()
-    twin.step()
-    for p, q in zip(params, twin_params):
-        assert torch.equal(p, q)
+    step_twins(opt, twin, params, twin_params, torch.Generator().manual_seed(9))
 
 
 def test_a_member_without_a_gradient_is_refused_by_name(fast_backend):
@@ -223,3 +222,51 @@ def test_group_sizes_weight_the_threshold():
     z, norm, thr = 1 + lr, 4 * (1 + lr), lam * lr * math.sqrt(16)
     torch.testing.assert_close(a.detach(), torch.full((4, 1), z * (norm - thr) / norm))
     torch.testing.assert_close(b.detach(), torch.full((12, 1), z * (norm - thr) / norm))
+
+
+class _ResidualConcatNet(torch.nn.Module):
+    """A stem, a residual block on its stream, two branches concatenated, then flatten ->
+    linear: every kind of coupling the builder follows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(6, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 6, 1))
+        self.left, self.right = nn.Conv2d(6, 3, 1), nn.Conv2d(6, 4, 3, padding=1)
+        self.head = nn.Linear(7 * 2 * 2, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.body(x))
+        x = torch.cat([self.left(x), self.right(x)], dim=1)
+        return self.head(torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))
+
+
+def test_a_traced_model_with_residual_concat_and_flatten_matches_float64(backend, device):
+    pytest.importorskip("torch_pruning")
+    torch.manual_seed(0)
+    model = _ResidualConcatNet()
+    groups = rmda_fused.param_groups(model, 0.4, "coupled", example_inputs=torch.randn(1, 2, 4, 4),
+                                     lr=0.05, momentum=0.3)
+    coupled = groups[0]
+    assert coupled["grouping"] == "coupled"
+    shared = torch.cat([ids for ids in coupled["channel_groups"] if ids is not None])
+    assert shared.unique().numel() < shared.numel()  # some groups span columns
+    params = [p for g in groups for p in g["params"]]
+    for p in params:
+        p.data = p.data.to(device)
+    ref = Float64RMDA([copy.copy(g) for g in groups])
+    opt = rmda_fused.RMDA(groups, backend=backend)
+    gen = torch.Generator().manual_seed(1)
+    for k in range(1, 9):
+        grads = [0.5 * torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.to(device=device, dtype=p.dtype)
+        opt.step()
+        ref.step(grads)
+        if k == 4:
+            opt.restart()
+            ref.restart()
+    assert compare(opt, params, ref) == []
+    assert any(st.zero is not None and st.zero.any() for st in ref.states)

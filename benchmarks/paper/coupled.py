@@ -33,7 +33,7 @@ from .experiments import Case
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "docs" / "paper" / "coupled"
 METHODS = (("RMDA", "input_channel"), ("RMDA", "coupled"), ("ProxSGD-ema", "coupled"))
-CASE = Case("rescnn", epochs=40, milestones=(20, 30), lams=(2e-3, 5e-3),
+CASE = Case("rescnn", epochs=60, milestones=(30, 45), lams=(1e-3, 3e-3),
             lr={"RMDA": 0.3, "ProxSGD-ema": 0.3})
 
 
@@ -102,12 +102,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="1 seed, 4 epochs, 1 lam: mechanics only")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 (--quick: 0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     args = p.parse_args(argv)
     case = (Case(CASE.name, epochs=4, milestones=(2, 3), lams=CASE.lams[-1:], lr=CASE.lr)
             if args.quick else CASE)
-    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     todo = [(case, m, g, lam, seed) for seed in seeds for m, g in METHODS for lam in case.lams]
     print(f"{len(todo)} runs on {args.workers} worker(s) -> {args.out}", flush=True)
     start = time.perf_counter()

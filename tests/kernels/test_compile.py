@@ -25,12 +25,14 @@ SCRIPT = textwrap.dedent('''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from rmda_fused.backends import triton as backend
-    from rmda_fused.kernels import rmda_elementwise as E, rmda_grouped as G, rmda_scalars as S
+    from rmda_fused.kernels import rmda_coupled as C, rmda_elementwise as E, rmda_grouped as G
+    from rmda_fused.kernels import rmda_scalars as S
     assert backend.unavailable_reason() is None or "CUDA" in backend.unavailable_reason()
     target = GPUTarget("cuda", 90, 32)
     POINTERS = {"meta": "*i64", "tiles": "*i64", "tasks": "*i64", "counters": "*i32",
                 "hyper": "*fp64", "lr_ptr": "*fp32", "scale_ptr": "*fp32", "inf_ptr": "*fp32",
-                "n_tensors": "i32", "n_tasks": "i32"}
+                "n_tensors": "i32", "n_tasks": "i32", "bands": "*i64", "reduces": "*i64",
+                "targets": "*i64"}
     AMP = dict(HAS_LR_TENSOR=True, HAS_SCALE=True, HAS_INF=True)
 
     def compile(kernel, fp64, num_warps, **constexprs):
@@ -85,6 +87,13 @@ SCRIPT = textwrap.dedent('''
                             BLOCK_G=bg)
                 print("VECTOR", grouping, P, False, aligned, *vector_loads(k))
                 assert arrival_after_barrier(k), "grouped: a load may follow the arrival"
+        br, bl, bg = C.TILE  # the coupled-group step's two phases
+        compile(C._rmda_partials_kernel, fp64, 8, G=P, I=P, F=F, FP64=fp64, BLOCK_R=br,
+                BLOCK_L=bl, BLOCK_G=bg)
+        compile(C._rmda_partials_reduce_kernel, fp64, 8, F=F, BLOCK_G=bg)
+        for has_inf in (False, True):
+            compile(C._rmda_apply_kernel, fp64, 8, P=P, I=P, F=F, FP64=fp64, HAS_INF=has_inf,
+                    RTNE=False, BLOCK_R=br, BLOCK_L=bl)
     print("COMPILED")
 ''')
 

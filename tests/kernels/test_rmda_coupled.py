@@ -4,11 +4,6 @@ reduce between them (the coupled-group contract: partials -> reduce -> apply).""
 from __future__ import annotations
 
 import math
-import os
-import re
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -295,57 +290,3 @@ def test_rejects_buffers_that_do_not_fit(device):
             triton_backend.rmda_partials_(batch, options, bad)
     assert [float(t) for t in params.t] == [0.0, 0.0]  # checked before any launch
 
-
-COMPILE_SCRIPT = textwrap.dedent('''
-    import os, subprocess, tempfile
-    import triton, triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from rmda_fused.kernels import rmda_coupled as C
-    POINTERS = {"meta": "*i64", "bands": "*i64", "reduces": "*i64", "targets": "*i64",
-                "hyper": "*fp64", "inf_ptr": "*fp32"}
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-    br, bl, bg = C.TILE
-    for fp64, P in ((False, tl.float32), (False, tl.bfloat16), (True, tl.float64)):
-        F = tl.float64 if fp64 else tl.float32
-        for kernel, constexprs in (
-                (C._rmda_partials_kernel, dict(G=P, I=P, F=F, FP64=fp64, BLOCK_R=br,
-                                               BLOCK_L=bl, BLOCK_G=bg)),
-                (C._rmda_partials_reduce_kernel, dict(F=F, BLOCK_G=bg)),
-                *((C._rmda_apply_kernel, dict(P=P, I=P, F=F, FP64=fp64, HAS_INF=has_inf,
-                                              RTNE=False, BLOCK_R=br, BLOCK_L=bl))
-                  for has_inf in (False, True))):
-            signature = {name: "constexpr" if name in constexprs else
-                         POINTERS.get(name, "*fp64" if fp64 else "*fp32")
-                         for name in kernel.arg_names}
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs),
-                                      target=GPUTarget("cuda", 90, 32),
-                                      options=dict(num_warps=8))
-            if os.path.exists(tool):
-                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                    f.write(compiled.asm["cubin"])
-                    f.flush()
-                    usage = subprocess.run([tool, "--dump-resource-usage", f.name],
-                                           capture_output=True, text=True).stdout
-                print("USAGE", kernel.__name__, fp64, " ".join(usage.split()[-12:]))
-    print("COMPILED")
-''')
-
-
-def test_coupled_kernels_compile_for_sm90():
-    """As tests/kernels/test_compile.py does for the other families: compiled ahead of time
-    for sm_90 with triton's bundled ptxas (what the interpreter cannot check), and no
-    register spills in the fp32 / bf16 variants."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env,
-                         capture_output=True, text=True, timeout=300)
-    if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr:
-        pytest.skip("no ptxas to compile with")
-    assert run.returncode == 0 and "COMPILED" in run.stdout, run.stderr[-4000:]
-    for line in run.stdout.splitlines():
-        if line.startswith("USAGE") and " False " in line:
-            stack = re.search(r"STACK:(\d+)", line)
-            assert stack and int(stack.group(1)) == 0, f"register spills: {line}"
