@@ -1,12 +1,14 @@
 """The selftest's correctness part: a backend's RMDA steps against a float64 statement of the
 update, on small problems.
 
-The float64 statement here (Float64Param, float64_prox) is written from docs/algorithm.md
-alone and uses nothing of rmda_fused (no group views, no prox), so an error in the package's
-shared code cannot hide in the reference as well. Each problem has, per grouping, a conv
-weight whose input channel 1 is zero in W and in every gradient (a group of norm exactly 0:
-the prox must give 0, not NaN), a linear weight and a bias; gradients are a fixed direction
-plus noise, scaled so that some groups of z end exactly zero and the others clearly not.
+The float64 statement here (Float64Param, float64_prox, float64_coupled_prox) is written
+from docs/algorithm.md alone and uses nothing of rmda_fused (no group views, no prox), so an
+error in the package's shared code cannot hide in the reference as well. Each problem has,
+per grouping, a conv weight whose input channel 1 is zero in W and in every gradient (a
+group of norm exactly 0: the prox must give 0, not NaN), a linear weight and a bias;
+gradients are a fixed direction plus noise, scaled so that some groups of z end exactly zero
+and the others clearly not. With coupled groups, the linear weight's columns j and j + 6
+share the conv's input channel j's group (groups across two tensors and two columns).
 """
 from __future__ import annotations
 
@@ -20,12 +22,13 @@ from torch import Tensor
 
 from .optimizer import RMDA
 
-GROUPINGS = ("input_channel", "output_channel", "elementwise", "none")
+GROUPINGS = ("input_channel", "output_channel", "elementwise", "coupled", "none")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CASES = tuple(f"{g} {d}" for d in DTYPES for g in GROUPINGS) + ("restart", "found_inf")
 STEPS = 8
 LR, MOMENTUM, LAM = 0.2, 0.5, 0.5
 SMALL_SHAPES = ((8, 6, 3, 3), (10, 12), (8,))  # a conv weight, a linear weight, a bias
+COUPLED_CHANNELS = 6  # coupled groups: column j of a weight is in group j % 6
 # --full adds tensors that take the kernels' other paths: more than 64 output channels (a
 # Triton tile splits into row chunks), and output-channel groups of 70K entries (larger than
 # the CPU kernel's per-group cache budget)
@@ -45,14 +48,15 @@ UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8}
 
 def _effective_grouping(grouping: str, ndim: int) -> str:
     # a tensor with fewer than 2 dims has no channels: a channel grouping leaves it unregularized
-    return "none" if grouping.endswith("_channel") and ndim < 2 else grouping
+    channels = grouping.endswith("_channel") or grouping == "coupled"
+    return "none" if channels and ndim < 2 else grouping
 
 
 def _group_shape(shape: tuple[int, ...], grouping: str) -> tuple[int, ...]:
     """The shape of a per-group quantity (the gradient's level), broadcastable against the
     tensor."""
     ones = (1,) * (len(shape) - 1)
-    if grouping == "input_channel":
+    if grouping in ("input_channel", "coupled"):
         return (1, shape[1]) + ones[1:]
     if grouping == "output_channel":
         return (shape[0],) + ones
@@ -74,6 +78,26 @@ def float64_prox(z: Tensor, tau: float, grouping: str) -> tuple[Tensor, Tensor, 
     return z * scale, zero.flatten(), norms.flatten(), thr
 
 
+def float64_coupled_prox(zs: list[Tensor], taus: list[float]) -> list[tuple]:
+    """Coupled group LASSO over the columns of several tensors, column j of every tensor in
+    group j % COUPLED_CHANNELS: per tensor (prox of z, zero mask, norm and threshold per
+    column), the threshold being tau * sqrt(entries of all the group's columns)."""
+    sumsq, entries = torch.zeros(COUPLED_CHANNELS, dtype=torch.float64), [0] * COUPLED_CHANNELS
+    for z in zs:
+        for j in range(z.shape[1]):
+            sumsq[j % COUPLED_CHANNELS] += float((z[:, j] ** 2).sum())
+            entries[j % COUPLED_CHANNELS] += z[:, j].numel()
+    out = []
+    for z, tau in zip(zs, taus):
+        group = torch.arange(z.shape[1]) % COUPLED_CHANNELS
+        norms = sumsq.sqrt()[group]
+        thr = tau * torch.tensor(entries, dtype=torch.float64).sqrt()[group]
+        zero = norms <= thr
+        scale = torch.where(zero, 0.0, 1.0 - thr / torch.where(zero, 1.0, norms))
+        out.append((z * scale.reshape((1, -1) + (1,) * (z.dim() - 2)), zero, norms, thr))
+    return out
+
+
 class Float64Param:
     """One parameter's W, W0, V, t and A in float64, stepped as docs/algorithm.md states."""
 
@@ -88,16 +112,22 @@ class Float64Param:
         self.zero = self.norms = self.thr = None
         self.absmax = float(self.W.abs().max())  # largest |W| so far: bounds rounding gaps
 
-    def step(self, g: Tensor) -> None:
+    def dual_step(self, g: Tensor) -> tuple[Tensor, float]:
+        """t, A and V; returns (z before the prox, tau)."""
         self.t += 1
         beta = math.sqrt(self.t)
         s = self.lr * beta
         self.A += s
         self.V = self.V + s * g
-        z = self.W0 - self.V / beta
+        return self.W0 - self.V / beta, self.lam * self.A / beta
+
+    def step(self, g: Tensor) -> None:
+        z, tau = self.dual_step(g)
         if self.grouping != "none":
-            z, self.zero, self.norms, self.thr = float64_prox(z, self.lam * self.A / beta,
-                                                              self.grouping)
+            z, self.zero, self.norms, self.thr = float64_prox(z, tau, self.grouping)
+        self.write(z)
+
+    def write(self, z: Tensor) -> None:
         # the library rounds W to the parameter dtype once, when it writes it
         self.W = ((1 - self.c) * self.W + self.c * z).to(self.dtype).double()
         self.absmax = max(self.absmax, float(self.W.abs().max()))
@@ -129,6 +159,10 @@ class Problem:
                 self.directions.append(d)
             self.params += params
             groups.append(dict(params=params, grouping=grouping))
+            if grouping == "coupled":
+                groups[-1]["channel_groups"] = [
+                    torch.arange(p.shape[1]) % COUPLED_CHANNELS if p.dim() >= 2 else None
+                    for p in params]
         self.optimizer = RMDA(groups, lr=LR, momentum=MOMENTUM, lam=LAM, backend=backend)
 
     def _direction(self, shape: tuple[int, ...], grouping: str) -> Tensor:
@@ -140,13 +174,21 @@ class Problem:
     def step(self, grad_scale: float = 1.0) -> None:
         """One step of both; the library gets the gradients times ``grad_scale`` (what a
         GradScaler hands it), the reference the unscaled ones."""
+        coupled = []  # (reference, z, tau) of the coupled tensors: their prox comes last
         for p, ref, d in zip(self.params, self.refs, self.directions):
             noise = 0.1 * LAM * torch.randn(d.shape, generator=self.gen, dtype=torch.float64)
             # noise only where d is not 0, so the conv's zero input channel stays exactly 0;
             # g is rounded to the param dtype as the library gets it (before scaling)
             g = (d + noise * (d != 0)).to(p.dtype)
             p.grad = g.to(p.device) * grad_scale
-            ref.step(g.double())
+            if ref.grouping == "coupled":
+                coupled.append((ref, *ref.dual_step(g.double())))
+            else:
+                ref.step(g.double())
+        if coupled:
+            results = float64_coupled_prox([z for _, z, _ in coupled], [t for *_, t in coupled])
+            for (ref, _, _), (z, ref.zero, ref.norms, ref.thr) in zip(coupled, results):
+                ref.write(z)
         self.optimizer.step()
 
     def restart(self) -> None:

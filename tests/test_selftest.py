@@ -61,17 +61,24 @@ def _mask_not_written(step):
     return broken
 
 
+def _scales_ignored(apply):
+    return lambda batch, options, scales: apply(batch, options, [s.fill_(1.0) for s in scales])
+
+
 UNREGULARIZED = {"none fp32", "none bf16"}
+# the coupled cases' tensors share groups: they step through rmda_partials_/rmda_apply_
+COUPLED = {"coupled fp32", "coupled bf16"}
 
 
-@pytest.mark.parametrize("mutant, failing", [
-    (_threshold_doubled, set(correctness.CASES) - UNREGULARIZED),
-    (_found_inf_ignored, {"found_inf"}),
+@pytest.mark.parametrize("mutant, patched, failing", [
+    (_threshold_doubled, "rmda_step_", set(correctness.CASES) - UNREGULARIZED - COUPLED),
+    (_found_inf_ignored, "rmda_step_", {"found_inf"}),
     # every case with a regularizer has zero groups (counted in the report)
-    (_mask_not_written, set(correctness.CASES) - UNREGULARIZED),
-], ids=lambda x: getattr(x, "__name__", ""))
-def test_correctness_check_fails_on_a_broken_step(monkeypatch, mutant, failing):
-    monkeypatch.setattr(reference, "rmda_step_", mutant(reference.rmda_step_))
+    (_mask_not_written, "rmda_step_", set(correctness.CASES) - UNREGULARIZED - COUPLED),
+    (_scales_ignored, "rmda_apply_", COUPLED | {"restart"}),
+], ids=lambda x: getattr(x, "__name__", None) if callable(x) else None)
+def test_correctness_check_fails_on_a_broken_step(monkeypatch, mutant, patched, failing):
+    monkeypatch.setattr(reference, patched, mutant(getattr(reference, patched)))
     results = list(correctness.check_backend("reference", "cpu"))
     assert {r["case"] for r in results if not r["passed"]} == failing
     assert all(r["differences"] for r in results if not r["passed"])
