@@ -221,3 +221,34 @@ def test_an_unwritable_output_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as error:
         run(DIGITS + ["--epochs", "1", "--output", str(locked / "run")])
     assert "--output" in str(error.value.code)
+
+
+@pytest.mark.parametrize("first, then", [([], ["--fsdp"]), (["--fsdp"], [])])
+def test_resume_refuses_the_other_kind_of_checkpoint_in_one_line(tmp_path, first, then):
+    """A checkpoint.pt holds whole tensors, a --fsdp checkpoint.dcp shards: neither run
+    resumes the other's, and the refusal leaves the checkpoint as it was."""
+    out = ["--output", str(tmp_path / "run")]
+    run(DIGITS + ["--epochs", "1"] + first + out)
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    with pytest.raises(SystemExit) as error:
+        run(DIGITS + ["--epochs", "2", "--resume"] + then + out)
+    message = str(error.value.code)
+    assert "--fsdp" in message and "\n" not in message
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+
+
+def test_an_interrupted_sharded_checkpoint_swap_is_undone(tmp_path):
+    """A --fsdp run killed between renaming the old checkpoint directory away and the new
+    one into place: the next run takes the old one back; a partial new one is removed."""
+    from rmda_fused.train import sharded_checkpoint
+
+    out = tmp_path / "run"
+    flags = DIGITS + ["--epochs", "1", "--fsdp", "--output", str(out)]
+    run(flags)
+    final = sharded_checkpoint.path(out)
+    os.replace(final, out / f".{sharded_checkpoint.DIRNAME}.old")
+    (out / f".{sharded_checkpoint.DIRNAME}.tmp").mkdir()  # a write cut short
+    run(flags + ["--resume", "--epochs", "2"])
+    assert [r["epoch"] for r in _records(out)] == [1, 2]
+    assert sorted(p.name for p in out.glob("*checkpoint*")) == [sharded_checkpoint.DIRNAME]
+    assert torch.load(final / sharded_checkpoint.RUN_FILE, weights_only=False)["epoch"] == 2
