@@ -94,7 +94,8 @@ def parser() -> argparse.ArgumentParser:
                         "checkpoint.dcp, which --resume reshards onto any number of "
                         "processes (each then keeps the RNG stream it was seeded with unless "
                         "the number is the same); a checkpoint.pt of a run without --fsdp is "
-                        "not resumed with it, nor the other way round")
+                        "not resumed with it, nor the other way round. Not with "
+                        "--channels-last")
     p.add_argument("--device", choices=["cpu", "cuda"],
                    help="default: cuda if available (NCCL), else cpu (gloo)")
     p.add_argument("--workers", type=int, help="data-loading processes per training process")
@@ -172,6 +173,9 @@ def resolve(args: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Na
     ):
         if not ok:
             p.error(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
+    if args.fsdp and args.channels_last:
+        p.error("--fsdp with --channels-last: fully_shard takes contiguous parameters only, "
+                "and channels_last conv weights are not; leave out one of them")
     if (args.resume or args.export_slim) and not args.output:
         p.error("--resume and --export-slim need --output")
     return args

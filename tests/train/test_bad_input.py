@@ -203,6 +203,7 @@ def test_unreadable_images_are_left_out_with_a_warning_or_stop_the_run(small_tre
     (["--lam", "nan"], "--lam"),
     (["--momentum", "0"], "momentum"),
     (["--arch", "resnet18"], "--preset digits"),
+    (["--fsdp", "--channels-last"], "--channels-last"),
 ])
 def test_command_line_errors_are_one_line(tmp_path, capsys, flags, expected):
     file = tmp_path / "a-file"
