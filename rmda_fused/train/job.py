@@ -53,13 +53,14 @@ def _resume_state(args: Any, info: Dist, num_classes: int) -> dict[str, Any] | N
     if any(exists) and not args.resume:
         raise SystemExit(f"--output {args.output} already holds a checkpoint: pass --resume to "
                          "continue that run, or choose another --output")
-    if exists[not args.fsdp]:  # the other kind's
-        written, other = (plain, "without") if args.fsdp else (sharded, "with")
-        raise SystemExit(f"--resume: {written} was written by a run {other} --fsdp; resume it "
-                         f"{other} --fsdp (its parameters are laid out for that)")
+    plain_exists, sharded_exists = exists
+    if plain_exists if args.fsdp else sharded_exists:  # the other kind's checkpoint
+        written, how = (plain, "without") if args.fsdp else (sharded, "with")
+        raise SystemExit(f"--resume: {written} was written by a run {how} --fsdp; resume it "
+                         f"{how} --fsdp (its tensors are laid out for that)")
     if args.fsdp:
-        return sharded_checkpoint.load(sharded, args, num_classes) if exists[1] else None
-    return checkpoint.load(plain, args, info, num_classes) if exists[0] else None
+        return sharded_checkpoint.load(sharded, args, num_classes) if sharded_exists else None
+    return checkpoint.load(plain, args, info, num_classes) if plain_exists else None
 
 
 def train(args: Any, info: Dist) -> dict[str, Any]:

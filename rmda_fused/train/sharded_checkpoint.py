@@ -70,24 +70,50 @@ def save(args: Any, info: Dist, epoch: int, model, optimizer, scheduler, scaler,
     if info.is_main and temporary.exists():
         shutil.rmtree(temporary)
     distributed.barrier(info)
+    error = None
     try:
         dcp.save(_model_and_optimizer(model, optimizer), checkpoint_id=temporary)
-        if info.is_main:
+    except (Exception, dcp.CheckpointException) as exc:  # e.g. ENOSPC on any rank: DCP
+        error = _cause(exc)                                # raises it on every rank
+    if info.is_main and error is None:
+        try:
             with open(temporary / RUN_FILE, "wb") as f:
                 torch.save(rest, f)
                 f.flush()
-                os.fsync(f.fileno())
+                os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
             if final.exists():
                 os.replace(final, _previous(output))
             os.replace(temporary, final)
             shutil.rmtree(_previous(output), ignore_errors=True)
-    except Exception as exc:  # e.g. ENOSPC on any rank (DCP raises it on every rank)
+        except OSError as exc:
+            error = exc
+    # every rank gets rank 0's verdict; this also keeps them from going on (and, at the
+    # next epoch, rewriting the temporary directory) before rank 0 has renamed it
+    message = distributed.broadcast_object(info, None if error is None else _failure(
+        final, error))
+    if message:
         if info.is_main:
-            shutil.rmtree(temporary, ignore_errors=True)
-        kept = "it keeps the previous epoch" if final.exists() else "nothing saved"
-        raise SystemExit(f"cannot write the checkpoint {final}: {type(exc).__name__}: {exc}; "
-                         f"{kept}") from None
-    distributed.barrier(info)  # nobody reads or rewrites it before rank 0 has renamed it
+            shutil.rmtree(temporary, ignore_errors=True)  # it would only hold on to the space
+        raise SystemExit(message)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The error under a CheckpointException (which holds each failed rank's, with its
+    traceback, in a message of many lines): the first rank's; any other as it is."""
+    failures = getattr(exc, "failures", None)
+    return next(iter(failures.values()))[0] if failures else exc
+
+
+def _detail(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}"
+
+
+def _failure(final: Path, exc: BaseException) -> str:
+    free = shutil.disk_usage(final.parent).free
+    kept = f"{final.name} keeps the previous epoch" if final.exists() else "nothing saved"
+    detail = _detail(exc)
+    return (f"cannot write the checkpoint {final}: {detail} ({free / 2**20:,.0f} MiB free "
+            f"there); {kept}")
 
 
 def load(directory: Path, args: Any, num_classes: int) -> dict[str, Any]:
@@ -119,9 +145,9 @@ def restore(state: dict[str, Any], info: Dist, model, optimizer, scheduler, scal
         p.copy_(w)
     try:
         dcp.load(target, checkpoint_id=state["directory"])
-    except Exception as exc:
+    except (Exception, dcp.CheckpointException) as exc:
         raise SystemExit(f"--resume: cannot read {state['directory']}: "
-                         f"{type(exc).__name__}: {exc}") from None
+                         f"{_detail(_cause(exc))}") from None
     set_state_dict(model, optimizer, model_state_dict=target["model"],
                    optim_state_dict=target["optimizer"])
     return checkpoint.restore_run_state(state, info, scheduler, scaler, tracker)

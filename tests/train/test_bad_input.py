@@ -253,3 +253,41 @@ def test_an_interrupted_sharded_checkpoint_swap_is_undone(tmp_path):
     assert [r["epoch"] for r in _records(out)] == [1, 2]
     assert sorted(p.name for p in out.glob("*checkpoint*")) == [sharded_checkpoint.DIRNAME]
     assert torch.load(final / sharded_checkpoint.RUN_FILE, weights_only=False)["epoch"] == 2
+
+
+def test_a_full_disk_or_a_damaged_sharded_checkpoint_is_one_line(tmp_path, monkeypatch):
+    """--fsdp: a save that fails (here the disk fills in epoch 2) keeps the previous epoch's
+    directory and leaves no temporary; a directory missing its shards is not resumed."""
+    from rmda_fused.train import sharded_checkpoint
+
+    real_save, real_fsync = sharded_checkpoint.save, os.fsync
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def save_filling_the_disk(args, info, epoch, *rest):
+        if epoch == 2:
+            monkeypatch.setattr(os, "fsync", disk_full)
+        try:
+            return real_save(args, info, epoch, *rest)
+        finally:
+            monkeypatch.setattr(os, "fsync", real_fsync)
+
+    monkeypatch.setattr(sharded_checkpoint, "save", save_filling_the_disk)
+    out = tmp_path / "run"
+    flags = DIGITS + ["--epochs", "2", "--fsdp", "--output", str(out)]
+    with pytest.raises(SystemExit) as error:
+        run(flags)
+    message = str(error.value.code)
+    final = sharded_checkpoint.path(out)
+    assert str(final) in message and "MiB free" in message and "\n" not in message
+    assert os.strerror(errno.ENOSPC) in message and "keeps the previous epoch" in message
+    assert sorted(p.name for p in out.glob("*checkpoint*")) == [sharded_checkpoint.DIRNAME]
+    assert torch.load(final / sharded_checkpoint.RUN_FILE, weights_only=False)["epoch"] == 1
+
+    for shard in final.glob("*.distcp"):
+        shard.unlink()
+    with pytest.raises(SystemExit) as error:
+        run(flags + ["--resume"])
+    message = str(error.value.code)
+    assert "cannot read" in message and str(final) in message and "\n" not in message
