@@ -40,7 +40,8 @@ def _prepare_output(output: str, say) -> None:
     except OSError as exc:  # also a file where the directory (or one above it) should be
         raise SystemExit(f"--output {output}: cannot write the run directory there: "
                          f"{exc.strerror or exc}") from None
-    for stale in checkpoint.remove_temporaries(output) + sharded_checkpoint.remove_temporaries(output):
+    removed = checkpoint.remove_temporaries(output) + sharded_checkpoint.remove_temporaries(output)
+    for stale in removed:
         say(f"removed {stale}, a checkpoint whose writing was interrupted")
 
 
