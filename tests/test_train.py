@@ -1,4 +1,5 @@
 """``python -m rmda_fused.train``: DDP on CPU, checkpoint/resume, bad input, slim export."""
+import copy
 import json
 import os
 import subprocess
@@ -139,3 +140,109 @@ def test_run_stays_callable_after_a_run():
     for _ in range(2):
         assert callable(train.run) and not isinstance(train.run, type(os))
         assert "accuracy" in train.run(DIGITS + ["--epochs", "1"])
+
+
+def _resnet_flags(tree, out, *more):
+    return ["--data", tree, "--device", "cpu", "--arch", "resnet18", "--image-size", 32,
+            "--epochs", 3, "--milestones", 1, "--batch-size", 32, "--lr", 0.1, "--lam", 0.2,
+            "--workers", 0, "--threads", 1, "--output", out, "--quiet", *more]
+
+
+def _slim_report(out) -> dict:
+    report = json.loads((out / "slim.pt.json").read_text())
+    assert report["max_abs_diff"] <= 1e-4 * max(1.0, report["max_abs_output"])
+    return report
+
+
+def test_two_process_fsdp_coupled_run_resumes_and_exports_slim(tiny_tree, tmp_path):
+    """--fsdp with coupled groups (traced before sharding): stopped in epoch 2, resumed from
+    the DCP directory, and exported from the gathered full state."""
+    pytest.importorskip("torch_pruning")
+    out = tmp_path / "run"
+    flags = _resnet_flags(tiny_tree, out, "--fsdp", "--grouping", "coupled")
+    first = _train(*flags, "--stop-after-steps", 9)  # 6 steps an epoch
+    assert first.returncode == 0, first.stderr
+    assert not (out / "checkpoint.pt").exists()
+    saved = torch.load(out / "checkpoint.dcp" / "run.pt", weights_only=False)
+    assert saved["epoch"] == 1 and saved["world_size"] == 2
+    assert {p.name for p in (out / "checkpoint.dcp").iterdir()} >= {".metadata", "run.pt"}
+    resumed = _train(*flags, "--resume", "--export-slim")
+    assert resumed.returncode == 0, resumed.stderr
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert log[1]["momentum"] == 1.0  # the scheduler's restart after epoch 1 was restored
+    assert torch.load(out / "checkpoint.dcp" / "run.pt", weights_only=False)["epoch"] == 3
+    assert not list(out.glob(".checkpoint*"))  # no temporaries left
+    final = json.loads((out / "final.json").read_text())
+    assert final["sparsity_z"] == final["sparsity_W"] > 0
+    whole = torch.load(out / "model_final.pt")["model"]  # gathered: full shapes, plain tensors
+    assert whole["conv1.weight"].shape == (64, 3, 7, 7) and type(whole["fc.bias"]) is torch.Tensor
+    report = _slim_report(out)
+    assert report["params_after"] < report["params_before"]
+
+
+def test_two_process_fsdp_checkpoint_resumes_on_one_process(tmp_path, monkeypatch):
+    """DCP reshards the 2-process checkpoint onto 1 process: the model and optimizer state
+    after restoring are those saved (read back independently with dcp_to_torch_save), and
+    the run continues at the next epoch with the scheduler where it was."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from rmda_fused.train import fsdp, sharded_checkpoint
+
+    out = tmp_path / "run"
+    flags = DIGITS + ["--epochs", "2", "--milestones", "1", "--lam", "0.01", "--fsdp",
+                      "--output", out]
+    first = _train(*flags, "--stop-after-steps", 30)  # 23 steps an epoch on 2 processes
+    assert first.returncode == 0, first.stderr
+    dcp_to_torch_save(out / "checkpoint.dcp", tmp_path / "saved.pt")
+    saved = torch.load(tmp_path / "saved.pt", weights_only=False)
+
+    restored = {}
+    real_restore = sharded_checkpoint.restore
+
+    def restore_and_look(state, info, model, optimizer, *rest):
+        restored["epoch"] = real_restore(state, info, model, optimizer, *rest)
+        # copies: on one process the gathered tensors may be the parameters themselves
+        restored["model"] = copy.deepcopy(fsdp.full_model_state(model))
+        restored["optimizer"] = copy.deepcopy(get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
+        return restored["epoch"]
+
+    monkeypatch.setattr(sharded_checkpoint, "restore", restore_and_look)
+    final = run([str(a) for a in flags] + ["--resume"])
+    assert restored["epoch"] == 1
+    assert restored["model"].keys() == saved["model"].keys()
+    assert all(torch.equal(restored["model"][k], saved["model"][k]) for k in saved["model"])
+    state, saved_state = restored["optimizer"]["state"], saved["optimizer"]["state"]
+    assert state.keys() == saved_state.keys() and state
+    for name, entries in saved_state.items():
+        assert entries.keys() == state[name].keys() and "dual" in entries
+        assert all(torch.equal(state[name][k], v) for k, v in entries.items() if torch.is_tensor(v))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and log[1]["momentum"] == 1.0
+    assert torch.load(out / "checkpoint.dcp" / "run.pt", weights_only=False)["world_size"] == 1
+    assert 0.0 <= final["accuracy"] <= 1.0
+
+
+def test_one_process_fsdp_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    flags = DIGITS + ["--epochs", "3", "--milestones", "2", "--fsdp"]
+    straight = run(flags + ["--output", str(tmp_path / "a")])
+    assert run(flags + ["--output", str(tmp_path / "b"), "--stop-after-steps", "30"])["stopped"]
+    resumed = run(flags + ["--output", str(tmp_path / "b"), "--resume"])
+    straight.pop("seconds"), resumed.pop("seconds")
+    assert resumed == straight
+    a = torch.load(tmp_path / "a" / "model_final.pt")["model"]
+    b = torch.load(tmp_path / "b" / "model_final.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_ddp_coupled_run_exports_a_slimmer_model(tiny_tree, tmp_path):
+    pytest.importorskip("torch_pruning")
+    out = tmp_path / "run"
+    result = _train(*_resnet_flags(tiny_tree, out, "--grouping", "coupled",
+                                   "--export-slim"))
+    assert result.returncode == 0, result.stderr
+    report = _slim_report(out)
+    assert report["candidates"]["slim"]["removed_channels"] > 0
+    assert report["params_after"] < report["params_before"]

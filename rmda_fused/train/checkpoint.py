@@ -68,12 +68,17 @@ def save(output: str | Path, payload: dict[str, Any]) -> None:
 def payload(args: Any, info: Dist, epoch: int, model, optimizer, scheduler, scaler, tracker,
             num_classes: int) -> dict[str, Any]:
     """What :func:`save` writes; collective (every process's RNG states are gathered)."""
-    return dict(
-        epoch=epoch, args=vars(args), num_classes=num_classes, world_size=info.world_size,
-        model=model.state_dict(), optimizer=optimizer.state_dict(),
-        scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-        tracker=tracker.state_dict(), rng=distributed.gather_rng_states(info),
-    )
+    return dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                **run_state(args, info, epoch, scheduler, scaler, tracker, num_classes))
+
+
+def run_state(args: Any, info: Dist, epoch: int, scheduler, scaler, tracker,
+              num_classes: int) -> dict[str, Any]:
+    """Everything in a checkpoint but the model and optimizer; collective (RNG states)."""
+    return dict(epoch=epoch, args=vars(args), num_classes=num_classes,
+                world_size=info.world_size, scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict(), tracker=tracker.state_dict(),
+                rng=distributed.gather_rng_states(info))
 
 
 def load(file: Path, args: Any, info: Dist, num_classes: int) -> dict[str, Any]:
@@ -83,6 +88,12 @@ def load(file: Path, args: Any, info: Dist, num_classes: int) -> dict[str, Any]:
         state = torch.load(file, map_location=info.device, weights_only=False)
     except Exception as exc:
         raise SystemExit(f"--resume: cannot read {file}: {type(exc).__name__}: {exc}") from None
+    check_same_run(file, state, args, num_classes)
+    return state
+
+
+def check_same_run(file: Path, state: dict[str, Any], args: Any, num_classes: int) -> None:
+    """SystemExit if the checkpoint ``state`` read from ``file`` belongs to a different run."""
     saved = state.get("args", {})
     changed = [f"--{key.replace('_', '-')} {saved.get(key)} (this run: {getattr(args, key)})"
                for key in FIXED_ON_RESUME if saved.get(key) != getattr(args, key)]
@@ -93,13 +104,17 @@ def load(file: Path, args: Any, info: Dist, num_classes: int) -> dict[str, Any]:
     if state["num_classes"] != num_classes:
         raise SystemExit(f"--resume: {file} has {state['num_classes']} classes, the data "
                          f"{args.data} has {num_classes}")
-    return state
 
 
 def restore(state: dict[str, Any], info: Dist, model, optimizer, scheduler, scaler, tracker) -> int:
     """Load ``state`` into the live objects; returns the last finished epoch."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    return restore_run_state(state, info, scheduler, scaler, tracker)
+
+
+def restore_run_state(state: dict[str, Any], info: Dist, scheduler, scaler, tracker) -> int:
+    """Load what is not model or optimizer; returns the last finished epoch."""
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     tracker.load_state_dict(state["tracker"])

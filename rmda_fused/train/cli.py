@@ -51,7 +51,8 @@ def parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(
         prog="rmda-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train a torchvision classifier with RMDA (or the ProxSGD/SGD baselines) on an "
-                    "ImageFolder tree; one process, or DDP under torchrun --nproc_per_node=N.",
+                    "ImageFolder tree; one process, or DDP (or FSDP2 with --fsdp) under "
+                    "torchrun --nproc_per_node=N.",
         epilog=__doc__.split("\n\n")[1])
     p.add_argument("--preset", choices=sorted(PRESETS), default="imagenet",
                    help="default values of every other flag")
@@ -84,6 +85,17 @@ def parser() -> argparse.ArgumentParser:
                    help="channels_last model and inputs (RMDA's fused kernels take contiguous weights: "
                         "conv weights then run on the reference backend, with a warning)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--fsdp", action="store_true",
+                   help="FSDP2 instead of DDP: fully_shard each child holding parameters of "
+                        "the model's top-level nn.Sequential stages (a ResNet's blocks), then "
+                        "the root, over one device mesh of all processes (one process works "
+                        "too); the optimizer steps the sharded parameters. Checkpoints are "
+                        "then torch.distributed.checkpoint directories, --output/"
+                        "checkpoint.dcp, which --resume reshards onto any number of "
+                        "processes (each then keeps the RNG stream it was seeded with unless "
+                        "the number is the same); a checkpoint.pt of a run without --fsdp is "
+                        "not resumed with it, nor the other way round. Not with "
+                        "--channels-last")
     p.add_argument("--device", choices=["cpu", "cuda"],
                    help="default: cuda if available (NCCL), else cpu (gloo)")
     p.add_argument("--workers", type=int, help="data-loading processes per training process")
@@ -161,6 +173,9 @@ def resolve(args: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Na
     ):
         if not ok:
             p.error(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
+    if args.fsdp and args.channels_last:
+        p.error("--fsdp with --channels-last: fully_shard takes contiguous parameters only, "
+                "and channels_last conv weights are not; leave out one of them")
     if (args.resume or args.export_slim) and not args.output:
         p.error("--resume and --export-slim need --output")
     return args
@@ -180,7 +195,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     try:
         with distributed.timeouts_end_the_job(args.timeout_min):
-            info = distributed.setup(args.device, args.timeout_min)
+            info = distributed.setup(args.device, args.timeout_min, args.fsdp)
             world = info.world_size
             if args.batch_size % world:
                 raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} "

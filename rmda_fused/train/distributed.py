@@ -36,8 +36,9 @@ class Dist:
         return self.world_size > 1
 
 
-def setup(device_kind: str, timeout_min: float) -> Dist:
-    """Join the process group torchrun describes (if any) and pick this process's device."""
+def setup(device_kind: str, timeout_min: float, fsdp: bool = False) -> Dist:
+    """Join the process group torchrun describes (if any) and pick this process's device.
+    ``fsdp``: FSDP2 needs a process group even for one process: it gets one of its own."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -48,10 +49,11 @@ def setup(device_kind: str, timeout_min: float) -> Dist:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or fsdp) and not dist.is_initialized():
+        alone = dict(store=dist.HashStore(), rank=0, world_size=1) if world_size == 1 else {}
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None,
-                                timeout=timedelta(minutes=timeout_min))
+                                timeout=timedelta(minutes=timeout_min), **alone)
     return Dist(rank, world_size, local_rank, device)
 
 

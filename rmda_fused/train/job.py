@@ -15,7 +15,8 @@ from torch import nn
 
 from .. import RMDA, IdentificationTracker, available_backends
 from ..structure import group_sparsity
-from . import checkpoint, data as data_mod, distributed, loop, optim, report
+from . import checkpoint, data as data_mod, distributed, fsdp, loop, optim, report
+from . import sharded_checkpoint
 from .distributed import Dist
 from .models import build_model
 
@@ -39,19 +40,28 @@ def _prepare_output(output: str, say) -> None:
     except OSError as exc:  # also a file where the directory (or one above it) should be
         raise SystemExit(f"--output {output}: cannot write the run directory there: "
                          f"{exc.strerror or exc}") from None
-    for stale in checkpoint.remove_temporaries(output):
+    removed = checkpoint.remove_temporaries(output) + sharded_checkpoint.remove_temporaries(output)
+    for stale in removed:
         say(f"removed {stale}, a checkpoint whose writing was interrupted")
 
 
 def _resume_state(args: Any, info: Dist, num_classes: int) -> dict[str, Any] | None:
     if not args.output:
         return None
-    file = checkpoint.path(args.output)
-    exists = distributed.broadcast_object(info, file.exists())  # rank 0 decides for all
-    if exists and not args.resume:
+    plain, sharded = checkpoint.path(args.output), sharded_checkpoint.path(args.output)
+    # rank 0 decides for all
+    exists = distributed.broadcast_object(info, (plain.exists(), sharded.exists()))
+    if any(exists) and not args.resume:
         raise SystemExit(f"--output {args.output} already holds a checkpoint: pass --resume to "
                          "continue that run, or choose another --output")
-    return checkpoint.load(file, args, info, num_classes) if exists else None
+    plain_exists, sharded_exists = exists
+    if plain_exists if args.fsdp else sharded_exists:  # the other kind's checkpoint
+        written, how = (plain, "without") if args.fsdp else (sharded, "with")
+        raise SystemExit(f"--resume: {written} was written by a run {how} --fsdp; resume it "
+                         f"{how} --fsdp (its tensors are laid out for that)")
+    if args.fsdp:
+        return sharded_checkpoint.load(sharded, args, num_classes) if sharded_exists else None
+    return checkpoint.load(plain, args, info, num_classes) if plain_exists else None
 
 
 def train(args: Any, info: Dist) -> dict[str, Any]:
@@ -65,7 +75,9 @@ def train(args: Any, info: Dist) -> dict[str, Any]:
         model = model.to(memory_format=torch.channels_last)
     # coupled groups trace the model once, on a real batch (rank 0's and every rank's alike)
     example = next(iter(data.val))[0][:1].to(info.device) if args.grouping == "coupled" else None
-    optimizer, scheduler = optim.build(args, model, example)
+    # --fsdp: the groups are made (coupled ones traced) on the model before it is sharded
+    wrap = (lambda groups: fsdp.shard(model, info, groups)) if args.fsdp else None
+    optimizer, scheduler = optim.build(args, model, example, wrap)
     if isinstance(optimizer, RMDA):
         say(f"RMDA backend: {', '.join(dict.fromkeys(optimizer.backend_names()))} "
             f"(rmda_fused.available_backends(): {available_backends()})")
@@ -75,7 +87,8 @@ def train(args: Any, info: Dist) -> dict[str, Any]:
     torch.manual_seed(args.seed + info.rank)  # each process its own augmentation stream
 
     state = _resume_state(args, info, data.num_classes)
-    done = checkpoint.restore(state, info, model, optimizer, scheduler, scaler, tracker) if state else 0
+    kind = sharded_checkpoint if args.fsdp else checkpoint
+    done = kind.restore(state, info, model, optimizer, scheduler, scaler, tracker) if state else 0
     del state
     log = report.JsonLog(args.output, done) if args.output and info.is_main else None
 
@@ -83,10 +96,10 @@ def train(args: Any, info: Dist) -> dict[str, Any]:
                                       train_images=data.train_size, val_images=data.val_size,
                                       classes=data.num_classes, resumed_after_epoch=done)))
     if done:
-        say(f"resumed from {checkpoint.path(args.output)} after epoch {done}")
+        say(f"resumed from {kind.path(args.output)} after epoch {done}")
 
     train_model: nn.Module = model
-    if info.enabled:
+    if info.enabled and not args.fsdp:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     if args.compile:
@@ -126,7 +139,12 @@ def train(args: Any, info: Dist) -> dict[str, Any]:
                       val_top1=top1, val_top5=top5, **_structure(optimizer, tracker),
                       unreadable_images=_left_out(info, data, f"epoch {epoch}"),
                       elapsed_s=time.perf_counter() - start)
-        if args.output:
+        if args.output and args.fsdp:
+            sharded_checkpoint.save(args, info, epoch, model, optimizer, scheduler, scaler,
+                                    tracker, data.num_classes)
+            if info.is_main:
+                log.append(record)
+        elif args.output:
             payload = checkpoint.payload(args, info, epoch, model, optimizer, scheduler, scaler,
                                          tracker, data.num_classes)
             if info.is_main:
@@ -166,7 +184,8 @@ def _stop_diverged(args, info: Dist, log, epoch: int, reason: str) -> NoReturn:
     if not args.output:
         kept = "nothing is saved without --output"
     elif last_good:
-        kept = f"{checkpoint.path(args.output)} keeps epoch {last_good}, the last good one"
+        where = (sharded_checkpoint if args.fsdp else checkpoint).path(args.output)
+        kept = f"{where} keeps epoch {last_good}, the last good one"
     else:
         kept = "no epoch finished with finite values, so no checkpoint was saved"
     raise SystemExit(f"training diverged in epoch {epoch}: {reason}; {kept}. Try a lower --lr "
@@ -204,6 +223,12 @@ def _finish(args, info, model, optimizer, tracker, data, log, say, start) -> dic
         f"group sparsity z {final['sparsity_z']:.1%} = W {final['sparsity_W']:.1%}, "
         f"z pattern last changed at epoch {final['last_change']}")
     say(group_sparsity(optimizer, "W", model=model))
+    if args.fsdp:  # the whole model on rank 0, unsharded, for model_final.pt and the export
+        whole = fsdp.full_model_state(model)
+        if info.is_main:
+            model = build_model(args.arch, data.num_classes).to(info.device)
+            model.load_state_dict(whole)
+        del whole
     if args.output and info.is_main:
         out = Path(args.output)
         torch.save(dict(model=model.state_dict(), arch=args.arch, num_classes=data.num_classes),
@@ -220,7 +245,8 @@ def _finish(args, info, model, optimizer, tracker, data, log, say, start) -> dic
             _write_final(args.output, {**final, "slim_error": slim_error})
     distributed.barrier(info)  # the others wait for rank 0's files before the group closes
     if slim_error:
-        raise SystemExit(f"{slim_error}. Training finished: its outputs (checkpoint.pt, "
+        saved = (sharded_checkpoint if args.fsdp else checkpoint).path(args.output).name
+        raise SystemExit(f"{slim_error}. Training finished: its outputs ({saved}, "
                          f"model_final.pt, final.json) are in {args.output}; no slim.pt")
     return final
 

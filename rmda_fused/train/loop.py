@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..sharding import local
 from . import distributed
 from .distributed import Dist
 
@@ -102,11 +103,12 @@ def nonfinite_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> lis
     """Names of the model's floating-point parameters and buffers, and of the optimizer's
     state tensors, that hold a NaN or inf (one host sync for all of them)."""
     names = {p: name for name, p in model.named_parameters()}
-    tensors = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
+    # sharded (--fsdp): this process's shards; the caller sums the verdicts over processes
+    tensors = {name: local(t) for name, t in model.state_dict().items() if t.is_floating_point()}
     for p, state in optimizer.state.items():
         for key, t in state.items():
             if torch.is_tensor(t) and t.is_floating_point():
-                tensors[f"{names.get(p, 'a parameter')} (optimizer state {key})"] = t
+                tensors[f"{names.get(p, 'a parameter')} (optimizer state {key})"] = local(t)
     finite = torch.stack([t.isfinite().all() for t in tensors.values()]).tolist()
     return [name for name, ok in zip(tensors, finite) if not ok]
 

@@ -1,7 +1,7 @@
 """The optimizer and learning-rate schedule a run trains with (``--optimizer``)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -15,13 +15,19 @@ DEFAULT_LR = {"rmda": 1.0, "proxsgd": 0.1, "sgd": 0.1}
 DEFAULT_MOMENTUM = {"rmda": 0.1, "proxsgd": 0.9, "sgd": 0.9}
 
 
-def build(args: Any, model: nn.Module,
-          example_inputs: torch.Tensor | None = None) -> tuple[torch.optim.Optimizer, Any]:
+def build(args: Any, model: nn.Module, example_inputs: torch.Tensor | None = None,
+          wrap: Callable[[list[dict] | None], list[dict] | None] | None = None,
+          ) -> tuple[torch.optim.Optimizer, Any]:
     """(optimizer, scheduler); ``scheduler.step()`` is called once per epoch. SystemExit with
     the optimizer's own message when it refuses a hyper-parameter (e.g. RMDA's c = 0).
-    ``example_inputs``: a batch the model takes, which ``--grouping coupled`` traces."""
+    ``example_inputs``: a batch the model takes, which ``--grouping coupled`` traces.
+    ``wrap``: called once the param groups are made on the unwrapped model (None for SGD),
+    e.g. to shard it; returns the groups holding the parameters that replaced its own."""
     try:
-        return _build(args, model, example_inputs)
+        groups = None if args.optimizer == "sgd" else _groups(args, model, example_inputs)
+        if wrap is not None:
+            groups = wrap(groups)
+        return _build(args, model, groups)
     except ValueError as exc:
         raise SystemExit(f"--optimizer {args.optimizer}: {exc}") from None
 
@@ -33,16 +39,14 @@ def _groups(args: Any, model: nn.Module, example_inputs: torch.Tensor | None) ->
 
 
 def _build(args: Any, model: nn.Module,
-           example_inputs: torch.Tensor | None) -> tuple[torch.optim.Optimizer, Any]:
+           groups: list[dict] | None) -> tuple[torch.optim.Optimizer, Any]:
     if args.optimizer == "rmda":
-        optimizer = RMDA(_groups(args, model, example_inputs), lr=args.lr,
-                         momentum=args.momentum, backend=args.backend)
+        optimizer = RMDA(groups, lr=args.lr, momentum=args.momentum, backend=args.backend)
         schedule = None if args.momentum_schedule == "none" else args.momentum_schedule
         return optimizer, MultiStepRestart(optimizer, args.milestones, gamma=args.gamma,
                                            momentum_schedule=schedule)
     if args.optimizer == "proxsgd":
         # the same two groups as RMDA: conv/linear weights regularized, the rest plain
-        groups = _groups(args, model, example_inputs)
         optimizer = ProxSGD(groups, lr=args.lr, momentum=args.momentum)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,

@@ -203,6 +203,7 @@ def test_unreadable_images_are_left_out_with_a_warning_or_stop_the_run(small_tre
     (["--lam", "nan"], "--lam"),
     (["--momentum", "0"], "momentum"),
     (["--arch", "resnet18"], "--preset digits"),
+    (["--fsdp", "--channels-last"], "--channels-last"),
 ])
 def test_command_line_errors_are_one_line(tmp_path, capsys, flags, expected):
     file = tmp_path / "a-file"
@@ -221,3 +222,72 @@ def test_an_unwritable_output_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as error:
         run(DIGITS + ["--epochs", "1", "--output", str(locked / "run")])
     assert "--output" in str(error.value.code)
+
+
+@pytest.mark.parametrize("first, then", [([], ["--fsdp"]), (["--fsdp"], [])])
+def test_resume_refuses_the_other_kind_of_checkpoint_in_one_line(tmp_path, first, then):
+    """A checkpoint.pt holds whole tensors, a --fsdp checkpoint.dcp shards: neither run
+    resumes the other's, and the refusal leaves the checkpoint as it was."""
+    out = ["--output", str(tmp_path / "run")]
+    run(DIGITS + ["--epochs", "1"] + first + out)
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    with pytest.raises(SystemExit) as error:
+        run(DIGITS + ["--epochs", "2", "--resume"] + then + out)
+    message = str(error.value.code)
+    assert "--fsdp" in message and "\n" not in message
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+
+
+def test_an_interrupted_sharded_checkpoint_swap_is_undone(tmp_path):
+    """A --fsdp run killed between renaming the old checkpoint directory away and the new
+    one into place: the next run takes the old one back; a partial new one is removed."""
+    from rmda_fused.train import sharded_checkpoint
+
+    out = tmp_path / "run"
+    flags = DIGITS + ["--epochs", "1", "--fsdp", "--output", str(out)]
+    run(flags)
+    final = sharded_checkpoint.path(out)
+    os.replace(final, out / f".{sharded_checkpoint.DIRNAME}.old")
+    (out / f".{sharded_checkpoint.DIRNAME}.tmp").mkdir()  # a write cut short
+    run(flags + ["--resume", "--epochs", "2"])
+    assert [r["epoch"] for r in _records(out)] == [1, 2]
+    assert sorted(p.name for p in out.glob("*checkpoint*")) == [sharded_checkpoint.DIRNAME]
+    assert torch.load(final / sharded_checkpoint.RUN_FILE, weights_only=False)["epoch"] == 2
+
+
+def test_a_full_disk_or_a_damaged_sharded_checkpoint_is_one_line(tmp_path, monkeypatch):
+    """--fsdp: a save that fails (here the disk fills in epoch 2) keeps the previous epoch's
+    directory and leaves no temporary; a directory missing its shards is not resumed."""
+    from rmda_fused.train import sharded_checkpoint
+
+    real_save, real_fsync = sharded_checkpoint.save, os.fsync
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def save_filling_the_disk(args, info, epoch, *rest):
+        if epoch == 2:
+            monkeypatch.setattr(os, "fsync", disk_full)
+        try:
+            return real_save(args, info, epoch, *rest)
+        finally:
+            monkeypatch.setattr(os, "fsync", real_fsync)
+
+    monkeypatch.setattr(sharded_checkpoint, "save", save_filling_the_disk)
+    out = tmp_path / "run"
+    flags = DIGITS + ["--epochs", "2", "--fsdp", "--output", str(out)]
+    with pytest.raises(SystemExit) as error:
+        run(flags)
+    message = str(error.value.code)
+    final = sharded_checkpoint.path(out)
+    assert str(final) in message and "MiB free" in message and "\n" not in message
+    assert os.strerror(errno.ENOSPC) in message and "keeps the previous epoch" in message
+    assert sorted(p.name for p in out.glob("*checkpoint*")) == [sharded_checkpoint.DIRNAME]
+    assert torch.load(final / sharded_checkpoint.RUN_FILE, weights_only=False)["epoch"] == 1
+
+    for shard in final.glob("*.distcp"):
+        shard.unlink()
+    with pytest.raises(SystemExit) as error:
+        run(flags + ["--resume"])
+    message = str(error.value.code)
+    assert "cannot read" in message and str(final) in message and "\n" not in message
