@@ -200,7 +200,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             if args.batch_size % world:
                 raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} "
                                  "processes")
-            return train(args, info)
+            result = train(args, info)
+            # every process past its last collective before any tears the group down: gloo
+            # aborts a process whose peer closes the connection while it still reads from it
+            distributed.barrier(info)
+            return result
     finally:
         torch.set_num_threads(threads)
         distributed.cleanup()
