@@ -21,6 +21,28 @@
 namespace rmda_fused {
 namespace {
 
+// One phase over every tensor, as column bands of its view in one parallel region.
+// `scalars_of(i, view)` gives tensor i's step scalars; `grads` is empty in the apply phase
+// (it reads no gradient); `buffers[i]` are tensor i's partials or scales.
+template <typename ScalarsOf>
+void run_phase(at::TensorList params, at::TensorList grads, at::TensorList initials,
+               at::TensorList duals, at::TensorList buffers, at::IntArrayRef views,
+               const ScalarsOf& scalars_of, cpu::Phase phase) {
+  std::vector<cpu::TensorJob> jobs;
+  std::vector<cpu::WorkItem> items;
+  std::vector<cpu::SplitBand> bands;
+  jobs.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const GroupView view = view_of(views, i);
+    jobs.push_back(cpu::TensorJob{params[i].data_ptr(), duals[i].data_ptr(),
+                                  grads.empty() ? nullptr : grads[i].data_ptr(),
+                                  initials[i].data_ptr(), nullptr, view, scalars_of(i, view),
+                                  params[i].scalar_type(), buffers[i].data_ptr()});
+    cpu::append_column_bands(items, bands, static_cast<int32_t>(i), view);
+  }
+  cpu::run_items(jobs, items, bands, phase);
+}
+
 void rmda_partials_cpu(at::TensorList params, at::TensorList grads, at::TensorList initials,
                        at::TensorList duals, at::TensorList steps, at::TensorList alphas,
                        at::TensorList partials, at::IntArrayRef views, double lr,
@@ -31,24 +53,15 @@ void rmda_partials_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
                       grad_scale, found_inf, at::kCPU);
   const cpu::HostScalars host = cpu::read_host_scalars(lr, lr_tensor, grad_scale, found_inf);
   if (host.skip) return;  // nothing moves; the partials are not read afterwards
-  std::vector<cpu::TensorJob> jobs;
-  std::vector<cpu::WorkItem> items;
-  std::vector<cpu::SplitBand> bands;
-  jobs.reserve(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    const GroupView view = view_of(views, i);
-    // momentum and lam play no part here (threshold: the reduce's; W: rmda_apply_'s)
-    const cpu::StepScalars scalars = params[i].scalar_type() == at::kDouble
+  // momentum and lam play no part here (threshold: the reduce's; W: rmda_apply_'s)
+  const auto scalars_of = [&](size_t i, const GroupView& view) {
+    return params[i].scalar_type() == at::kDouble
         ? cpu::advance_scalars<double>(steps[i], alphas[i], host.lr, host.grad_scale, 0.0, 0.0,
                                        view.group_size())
         : cpu::advance_scalars<float>(steps[i], alphas[i], host.lr, host.grad_scale, 0.0, 0.0,
                                       view.group_size());
-    jobs.push_back(cpu::TensorJob{params[i].data_ptr(), duals[i].data_ptr(),
-                                  grads[i].data_ptr(), initials[i].data_ptr(), nullptr, view,
-                                  scalars, params[i].scalar_type(), partials[i].data_ptr()});
-    cpu::append_column_bands(items, bands, static_cast<int32_t>(i), view);
-  }
-  cpu::run_items(jobs, items, bands, cpu::Phase::kPartials);
+  };
+  run_phase(params, grads, initials, duals, partials, views, scalars_of, cpu::Phase::kPartials);
 }
 
 void rmda_apply_cpu(at::TensorList params, at::TensorList initials, at::TensorList duals,
@@ -56,22 +69,11 @@ void rmda_apply_cpu(at::TensorList params, at::TensorList initials, at::TensorLi
                     double momentum, const std::optional<at::Tensor>& found_inf) {
   check_apply_args(params, initials, duals, steps, scales, views, found_inf, at::kCPU);
   if (cpu::read_host_scalars(0.0, std::nullopt, std::nullopt, found_inf).skip) return;
-  std::vector<cpu::TensorJob> jobs;
-  std::vector<cpu::WorkItem> items;
-  std::vector<cpu::SplitBand> bands;
-  jobs.reserve(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    const GroupView view = view_of(views, i);
-    const cpu::StepScalars scalars = params[i].scalar_type() == at::kDouble
-        ? cpu::apply_scalars<double>(steps[i], momentum)
-        : cpu::apply_scalars<float>(steps[i], momentum);
-    // the kernel reads no gradient in this phase
-    jobs.push_back(cpu::TensorJob{params[i].data_ptr(), duals[i].data_ptr(), nullptr,
-                                  initials[i].data_ptr(), nullptr, view, scalars,
-                                  params[i].scalar_type(), scales[i].data_ptr()});
-    cpu::append_column_bands(items, bands, static_cast<int32_t>(i), view);
-  }
-  cpu::run_items(jobs, items, bands, cpu::Phase::kApply);
+  const auto scalars_of = [&](size_t i, const GroupView&) {
+    return params[i].scalar_type() == at::kDouble ? cpu::apply_scalars<double>(steps[i], momentum)
+                                                  : cpu::apply_scalars<float>(steps[i], momentum);
+  };
+  run_phase(params, {}, initials, duals, scales, views, scalars_of, cpu::Phase::kApply);
 }
 
 }  // namespace
