@@ -211,8 +211,6 @@ class CoupledStep:
     ``route`` is :func:`rmda_fused.functional.route_batch`; ``all_reduce``, set for a
     sharded run, sums the group sums of z^2 across ranks before the norms are taken."""
 
-    all_reduce: Callable[[Tensor], None] | None = None
-
     def __init__(self, members: list[Member], backend: str,
                  route: Callable[[StepBatch, str, str], list],
                  all_reduce: Callable[[Tensor], None] | None = None) -> None:

@@ -265,11 +265,15 @@ class RMDA(torch.optim.Optimizer):
             work.append((group, grads, plan))
         checked_inf = found_inf
         if found_inf is None:  # no GradScaler checked these gradients: check them here
-            checked = [(p, g) for group, grads, _ in work if group["skip_nonfinite"]
-                       for p, g in zip(group["params"], grads) if g is not None]
-            checked_inf = functional.nonfinite_flag([sharding.local(g) for _, g in checked])
-            if any(plan.sharded for _, _, plan in work):  # each rank saw its shards only
-                checked_inf = sharding.agree_on_flag(checked_inf, [p for p, _ in checked])
+            checked = [g for group, grads, _ in work if group["skip_nonfinite"]
+                       for g in grads if g is not None]
+            sharded = [p for group, _, plan in work if group["skip_nonfinite"]
+                       for p in plan.sharded]
+            if sharded:  # each rank checks its shards only
+                checked = [sharding.local(g) for g in checked]
+            checked_inf = functional.nonfinite_flag(checked)
+            if sharded:
+                checked_inf = sharding.agree_on_flag(checked_inf, sharded)
         for group, grads, plan in work:
             skip_flag = checked_inf if group["skip_nonfinite"] else found_inf
             plan.run(group, grads, grad_scale, skip_flag)

@@ -64,14 +64,12 @@ def param_groups(
     does not match the groupings. ``group_options`` (e.g. ``lr``) are set on every group.
     Shared parameters appear once; frozen ones (``requires_grad=False``) are left out.
     """
-    if grouping == COUPLED:
-        if example_inputs is None:
-            raise ValueError("grouping 'coupled' needs example_inputs: a batch the model "
-                             "accepts, to trace which layers read each channel")
-    else:
-        check_grouping(grouping)
-        if example_inputs is not None:
-            raise ValueError(f"example_inputs is only used by grouping 'coupled', not {grouping!r}")
+    check_grouping(grouping)
+    if grouping == COUPLED and example_inputs is None:
+        raise ValueError("grouping 'coupled' needs example_inputs: a batch the model "
+                         "accepts, to trace which layers read each channel")
+    if grouping != COUPLED and example_inputs is not None:
+        raise ValueError(f"example_inputs is only used by grouping 'coupled', not {grouping!r}")
     # one list per grouping: when grouped convs take ``grouping`` itself, they share its list
     regularized = {grouping: [], _grouped_conv_grouping(grouping): []}
     plain, seen = [], set()
