@@ -29,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = "csrc"  # relative to the repository root; installed as rmda_fused/csrc
 CPU_SOURCES = [f"{CSRC}/bindings.cpp", f"{CSRC}/rmda_cpu.cpp", f"{CSRC}/cpu/work_plan.cpp",
-               f"{CSRC}/coupled_cpu.cpp", f"{CSRC}/nonfinite_cpu.cpp"]
+               f"{CSRC}/coupled_cpu.cpp", f"{CSRC}/nonfinite_cpu.cpp",
+               f"{CSRC}/step_plan.cpp"]
 CUDA_SOURCES = [f"{CSRC}/rmda_cuda.cu", f"{CSRC}/coupled_cuda.cu", f"{CSRC}/nonfinite_cuda.cu"]
 EXTENSION_NAME = "rmda_fused._C"
 # x86-64 builds assume AVX2+FMA (every x86 server CPU since 2013); load() refuses a CPU

@@ -4,11 +4,18 @@ Building a step touches every parameter several times in Python: its grouping an
 view, its state, the fused kernels' layout checks, the split by device and backend. None of
 that changes from one step to the next in training, so :class:`GroupPlan` does it once and
 keeps the routed batches (:func:`rmda_fused.functional.route_batch`) with everything but
-the gradients filled in. Each step then only checks, per parameter, that the gradients are
-the ones the plan was built for: present for the same parameters, with the same dtype,
-device, shape and strides. Anything else (a new grouping or backend, a gradient of another
-layout, a sparse one) builds a new plan through the optimizer's full checks; the optimizer
-drops its plans whenever it replaces state tensors (a load, t moved to its device).
+the gradients filled in. Each step then only checks that the group holds the same
+parameters and that their gradients are the ones the plan was built for: present for the
+same parameters, with the same dtype, device, shape and strides. Anything else (a new
+grouping or backend, a gradient of another layout, a sparse one) builds a new plan through
+the optimizer's full checks; the optimizer drops its plans whenever it replaces state
+tensors (a load, t moved to its device).
+
+The replay costs no Python per tensor where the C++ extension is loaded: the gradient check
+is its ``GradWatch`` and the cpu and cuda backends' routes are its ``PlannedStep``
+(csrc/step_plan.cpp), which hold their tensors and call the kernels themselves. Routes of
+the other backends, coupled groups, DTensor parameters and steps that torch.compile traces
+take the gradients as a list.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from . import functional, sharding
+from . import _extension, functional, sharding
 from .batch import StepBatch, StepOptions
 from .coupled import CoupledStep, Member, coupled_members, split_members
 from .grouping import effective_grouping, group_view, memory_group_view
@@ -30,18 +37,23 @@ if TYPE_CHECKING:
 class GroupPlan:
     """The routed step batches of one param group, for one set of gradient layouts."""
 
-    def __init__(self, optimizer: RMDA, group: dict[str, Any], grads: list[Tensor | None]):
+    def __init__(self, optimizer: RMDA, group: dict[str, Any]):
         params = group["params"]
         self.params = list(params)
-        self.has_grad = tuple(g is not None for g in grads)
+        self.single = [(i, p) for i, p in enumerate(self.params) if p.numel() == 1]
         self.grouping, self.backend = group["grouping"], group["backend"]
         self.channel_groups = group.get("channel_groups")
-        present = [i for i, g in enumerate(grads) if g is not None]
-        self.signatures = self._signatures(grads)
         self.state = optimizer.state
         # DTensor parameters step on their local shards (rmda_fused/sharding.py)
         self.sharded = [p for p in params if sharding.is_sharded(p)]
         self.shard_pointers = self._shard_pointers()
+        # torch.compile traces Python, not the extension's objects: a traced step lists
+        self.traced = torch.compiler.is_compiling()
+        self.watch = grad_watch(self.params, listed=bool(self.sharded) or self.traced)
+        self.native = not isinstance(self.watch, ListedGrads)  # csrc/step_plan.cpp's
+        grads = self.grads()
+        present = [i for i, g in enumerate(grads) if g is not None]
+        self.devices = list(dict.fromkeys(grads[i].device for i in present))
         rows: dict[str, list[tuple]] = {}
         cut: list[tuple] = []  # DTensors whose groups their sharding cuts
         for i in present:
@@ -82,14 +94,17 @@ class GroupPlan:
                 all_reduce = sharding.sum_across(process_group, "the group sums of z^2")
             self.coupled = CoupledStep(members, self.backend, functional.route_batch,
                                        all_reduce)
-        # (grouping, device, backend name, batch without its gradients, their positions)
-        self.routes: list[tuple[str, torch.device, str, StepBatch, list[int]]] = []
+        # (grouping, device, backend name, batch without its gradients, their positions,
+        # the backend's planned step of it or None)
+        self.routes: list[tuple[str, torch.device, str, StepBatch, list[int], Any]] = []
         for grouping, entries in rows.items():
             positions = [entry[0] for entry in entries]
             batch = StepBatch(*map(list, zip(*(entry[1:] for entry in entries))))
             for device, name, picked in functional.route_batch(batch, grouping, self.backend):
-                self.routes.append((grouping, device, name, batch.select(picked),
-                                    [positions[k] for k in picked]))
+                routed, at = batch.select(picked), [positions[k] for k in picked]
+                planned = (functional.planned_step(name, routed, grouping, self.watch, at)
+                           if self.native else None)
+                self.routes.append((grouping, device, name, routed, at, planned))
 
     def _cut_members(self, cut: list[tuple]) -> list[Member]:
         """The reduce members of tensors whose groups their sharding cuts."""
@@ -101,36 +116,94 @@ class GroupPlan:
     def _shard_pointers(self) -> list[int]:
         return [p.to_local().data_ptr() for p in self.sharded]
 
-    @staticmethod
-    def _signatures(grads: list[Tensor | None]) -> list[tuple]:
-        return [(g.dtype, g.device, g.shape, g.stride()) for g in grads if g is not None]
-
-    def matches(self, state: dict, group: dict[str, Any], grads: list[Tensor | None]) -> bool:
-        """Whether this plan still describes the group's step with these gradients."""
-        if (state is not self.state or group["grouping"] != self.grouping
-                or group["backend"] != self.backend or len(grads) != len(self.has_grad)
+    def matches(self, state: dict, group: dict[str, Any]) -> bool:
+        """Whether this plan still describes the group's step, with the gradients the
+        parameters hold now (which the plan then uses)."""
+        params = group["params"]
+        if (state is not self.state or torch.compiler.is_compiling() != self.traced
+                or group["grouping"] != self.grouping
+                or group["backend"] != self.backend
                 or group.get("channel_groups") is not self.channel_groups
-                or tuple(g is not None for g in grads) != self.has_grad
-                or any(p is not q for p, q in zip(group["params"], self.params))):
+                or not self._holds(params)):
             return False
         if self.sharded and self._shard_pointers() != self.shard_pointers:
             return False  # a DTensor's local shard was replaced (e.g. FSDP2 re-sharding)
-        try:
-            return self._signatures(grads) == self.signatures
-        except RuntimeError:  # a sparse gradient has no strides: the full checks name it
-            return False
+        return self.watch.refresh()
 
-    def run(self, group: dict[str, Any], grads: list[Tensor | None],
-            grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    def _holds(self, params: list[Tensor]) -> bool:
+        """Whether ``params`` are this plan's parameters, in order, at the speed of a list
+        compare: it tests each pair for identity and calls Tensor.__eq__ only on a pair that
+        is not identical, which then raises (a mismatch) unless both hold one element; so
+        the one-element parameters are also tested for identity."""
+        if self.traced:  # torch.compile compares list elements by value
+            return (len(params) == len(self.params)
+                    and all(p is q for p, q in zip(params, self.params)))
+        try:
+            if params != self.params:
+                return False
+        except Exception:  # an element compared with a tensor that is not its own
+            return False
+        return all(params[i] is p for i, p in self.single)
+
+    def grads(self) -> list[Tensor | None]:
+        """The gradients of the last check, one entry per parameter (None: it has none)."""
+        return self.watch.grads()
+
+    def run(self, group: dict[str, Any], grad_scale: Tensor | None,
+            found_inf: Tensor | None) -> None:
         """Every route's kernels (resolved and split when the plan was built)."""
-        if self.sharded:
-            grads = [sharding.local(g) for g in grads]
-        for grouping, device, name, template, positions in self.routes:
+        grads = None  # listed only for the routes that take lists
+        for grouping, device, name, template, positions, planned in self.routes:
             options = StepOptions(group["lr"], group["momentum"], group["lam"], grouping,
                                   grad_scale, found_inf, group["maximize"])
-            batch = template.with_grads([grads[i] for i in positions])
-            functional.run_route(name, device, batch, options)
+            if planned is not None:
+                functional.run_planned(name, device, planned, options)
+                continue
+            grads = grads or self._local_grads()
+            functional.run_route(name, device, template.with_grads([grads[i] for i in positions]),
+                                 options)
         if self.coupled is not None:
             options = StepOptions(group["lr"], group["momentum"], group["lam"], "coupled",
                                   grad_scale, found_inf, group["maximize"])
-            self.coupled.run(group, grads, options, functional.run_coupled_phase)
+            self.coupled.run(group, grads or self._local_grads(), options,
+                             functional.run_coupled_phase)
+
+    def _local_grads(self) -> list[Tensor | None]:
+        grads = self.grads()
+        return [sharding.local(g) for g in grads] if self.sharded else grads
+
+
+class ListedGrads:
+    """The gradient check of a plan in Python, where csrc/step_plan.cpp's ``GradWatch``
+    cannot serve: without the C++ extension, and for DTensor parameters."""
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.params = params
+        self._grads = [p.grad for p in params]
+        self.layouts = self._layouts(self._grads)
+
+    @staticmethod
+    def _layouts(grads: list[Tensor | None]) -> list[tuple | None]:
+        return [None if g is None else (g.dtype, g.device, g.shape, g.stride()) for g in grads]
+
+    def refresh(self) -> bool:
+        grads = [p.grad for p in self.params]
+        try:
+            if self._layouts(grads) != self.layouts:
+                return False
+        except RuntimeError:  # a sparse gradient has no strides: the full checks name it
+            return False
+        self._grads = grads
+        return True
+
+    def grads(self) -> list[Tensor | None]:
+        return self._grads
+
+
+def grad_watch(params: list[Tensor], listed: bool):
+    """The gradient check of a plan over ``params``, recording the gradients they hold now:
+    the extension's ``GradWatch`` where it is loaded (unless ``listed``), else
+    :class:`ListedGrads`."""
+    if listed or _extension.load_error() is not None:
+        return ListedGrads(params)
+    return torch.classes.rmda_fused.GradWatch(params)

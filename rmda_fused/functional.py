@@ -310,6 +310,31 @@ def run_route(name: str, device: torch.device, batch: StepBatch,
     _BACKENDS[name].rmda_step_(batch, _signed(_on(options, device), device))
 
 
+def planned_step(name: str, batch: StepBatch, grouping: str, watch, positions: list[int]):
+    """Backend ``name``'s step of ``batch`` planned once (csrc/step_plan.cpp's PlannedStep,
+    reading gradient k from ``watch`` at ``positions[k]``), or None where the backend plans
+    no steps and takes lists each step (:func:`run_route`)."""
+    plan = getattr(_BACKENDS[name], "planned_step", None)
+    return None if plan is None else plan(batch, grouping, watch, positions)
+
+
+def run_planned(name: str, device: torch.device, planned, options: StepOptions) -> None:
+    """A planned step (:func:`planned_step`) with this step's options."""
+    _BACKENDS[name].run_planned(planned, device, _signed(_on(options, device), device))
+
+
+def planned_nonfinite_flag(watches: list, device: torch.device) -> Tensor | None:
+    """:func:`nonfinite_flag` of the gradients of ``watches`` (csrc/step_plan.cpp's
+    GradWatch, all on ``device``) without listing them, where the extension checks that
+    device; None where it does not, and the caller lists them."""
+    if not _extension_checks(device.type):
+        return None
+    flag = torch.zeros((), dtype=torch.float32, device=device)
+    for watch in watches:
+        watch.nonfinite_(flag)
+    return flag
+
+
 def run_coupled_phase(phase: str, name: str, device: torch.device, batch: StepBatch,
                       options: StepOptions, buffers: list[Tensor]) -> None:
     """One half of a coupled step on backend ``name`` (``phase`` is ``rmda_partials_`` or

@@ -250,34 +250,42 @@ class RMDA(torch.optim.Optimizer):
         checked = []
         for index, group in enumerate(self.param_groups):
             self._check_hyperparameters(group, where=f"param group {index}")
-            grads = [p.grad for p in group["params"]]
             plan = self._plans.get(index)
-            if plan is None or not plan.matches(self.state, group, grads):
+            if plan is None or not plan.matches(self.state, group):
                 plan = None
                 self._check_step_inputs(index, group)
-            checked.append((index, group, grads, plan))
+            checked.append((index, group, plan))
         if not self._momentum_warned:
             self._warn_if_large_momentum(typed=False)
         work = []
-        for index, group, grads, plan in checked:
+        for index, group, plan in checked:
             if plan is None:
-                plan = self._plans[index] = GroupPlan(self, group, grads)
-            work.append((group, grads, plan))
+                plan = self._plans[index] = GroupPlan(self, group)
+            work.append((group, plan))
         checked_inf = found_inf
         if found_inf is None:  # no GradScaler checked these gradients: check them here
-            checked = [g for group, grads, _ in work if group["skip_nonfinite"]
-                       for g in grads if g is not None]
-            sharded = [p for group, _, plan in work if group["skip_nonfinite"]
-                       for p in plan.sharded]
-            if sharded:  # each rank checks its shards only
-                checked = [sharding.local(g) for g in checked]
-            checked_inf = functional.nonfinite_flag(checked)
-            if sharded:
-                checked_inf = sharding.agree_on_flag(checked_inf, sharded)
-        for group, grads, plan in work:
+            checked_inf = self._nonfinite_flag([plan for group, plan in work
+                                                if group["skip_nonfinite"]])
+        for group, plan in work:
             skip_flag = checked_inf if group["skip_nonfinite"] else found_inf
-            plan.run(group, grads, grad_scale, skip_flag)
+            plan.run(group, grad_scale, skip_flag)
         return loss
+
+    @staticmethod
+    def _nonfinite_flag(plans: list[GroupPlan]) -> Tensor | None:
+        """found_inf of the gradients of ``plans`` (functional.nonfinite_flag)."""
+        devices = {device for plan in plans for device in plan.devices}
+        if len(devices) == 1 and all(plan.native for plan in plans):
+            flag = functional.planned_nonfinite_flag([plan.watch for plan in plans],
+                                                     devices.pop())
+            if flag is not None:
+                return flag
+        sharded = [p for plan in plans for p in plan.sharded]
+        grads = [g for plan in plans for g in plan.grads() if g is not None]
+        if sharded:  # each rank checks its shards only
+            grads = [sharding.local(g) for g in grads]
+        flag = functional.nonfinite_flag(grads)
+        return sharding.agree_on_flag(flag, sharded) if sharded else flag
 
     def _check_step_inputs(self, index: int, group: dict[str, Any]) -> None:
         """The full per-step checks of a group's gradients and backends (before a plan)."""

@@ -183,7 +183,7 @@ def assert_runs_on(opt, backend: str) -> None:
     """Every route of every step plan runs on ``backend``: the local shards take the fused
     kernels, no fallback to 'reference'."""
     for plan in opt._plans.values():
-        names = {name for _, _, name, _, _ in plan.routes}
+        names = {route[2] for route in plan.routes}
         if plan.coupled is not None:
             names |= {r.name for r in plan.coupled.routes}
         assert names <= {backend}, names

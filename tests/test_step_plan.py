@@ -112,3 +112,82 @@ def test_a_sparse_gradient_after_a_planned_step_is_refused_by_name(fast_backend)
     with pytest.raises(TypeError, match="sparse gradients.*parameter 4"):
         opt.step()
     assert_unchanged(before, opt, list(model.parameters()))
+
+
+def _swap_in_place(model, opt):
+    """A parameter of the group replaced by another in place, as a pruning tool might."""
+    group = opt.param_groups[0]
+    old = group["params"][0]
+    new = torch.nn.Parameter(old.detach().clone())
+    new.grad = old.grad.clone()
+    group["params"][0] = new
+
+
+def test_a_parameter_replaced_in_place_gets_a_new_plan(fast_backend):
+    model = _model()
+    opt = _optimizer(model, fast_backend)
+    _grads(model, 1)
+    opt.step()
+    _swap_in_place(model, opt)
+    new = opt.param_groups[0]["params"][0]
+    opt.step()
+    assert opt.state[new]["step"].item() == 1  # stepped, with state of its own
+
+
+def test_a_one_element_parameter_replaced_by_an_equal_one_is_not_taken_for_it(fast_backend):
+    """A list compare takes two equal one-element tensors for equal: the plan must not."""
+    scalar = torch.nn.Parameter(torch.ones(()))
+    scalar.grad = torch.ones(())
+    opt = rmda_fused.RMDA([scalar], lr=0.1, backend=fast_backend)
+    opt.step()
+    twin = torch.nn.Parameter(scalar.detach().clone())  # equal to it: == says True
+    twin.grad = torch.ones(())
+    opt.param_groups[0]["params"][0] = twin
+    before = twin.detach().clone()
+    opt.step()
+    assert opt.state[twin]["step"].item() == 1 and opt.state[scalar]["step"].item() == 1
+    assert not torch.equal(twin, before)
+
+
+def test_planned_and_listed_replays_make_the_same_steps(monkeypatch, fast_backend):
+    """The extension's replay (csrc/step_plan.cpp) against the Python one, bit for bit,
+    over steps whose gradients come and go."""
+    from rmda_fused import _step_plan
+
+    def run(listed):
+        if listed:
+            monkeypatch.setattr(_step_plan, "grad_watch",
+                                lambda params, listed: _step_plan.ListedGrads(params))
+        model = _model()
+        opt = _optimizer(model, fast_backend)
+        for k in range(6):
+            _grads(model, k)
+            if k % 3 == 2:
+                model[3].weight.grad = None
+            opt.step()
+        monkeypatch.undo()
+        return opt, [p.detach().clone() for p in model.parameters()]
+
+    planned, planned_params = run(listed=False)
+    listed, listed_params = run(listed=True)
+    assert all(isinstance(p.watch, _step_plan.ListedGrads) for p in listed._plans.values())
+    for p, q in zip(planned_params, listed_params):
+        assert torch.equal(p, q)
+    if fast_backend == "cpu":  # the C++ backend's routes are planned steps
+        assert all(plan.native for plan in planned._plans.values())
+        assert all(route[-1] is not None for plan in planned._plans.values()
+                   for route in plan.routes)
+
+
+def test_a_planned_step_keeps_no_gradient_alive(fast_backend):
+    import weakref
+
+    model = _model()
+    opt = _optimizer(model, fast_backend)
+    _grads(model, 1)
+    opt.step()
+    _grads(model, 2)
+    opt.step()
+    refs = [weakref.ref(p.grad) for p in model.parameters()]
+    opt.zero_grad(set_to_none=True)
+    assert all(ref() is None for ref in refs)

@@ -22,13 +22,32 @@ def unavailable_reason(device_type: str) -> str | None:
 
 def rmda_step_(batch: StepBatch, options: StepOptions) -> None:
     prox = options.prox
-    lr_value, lr_tensor = split_lr(options.lr, batch.params[0].device)
     torch.ops.rmda_fused.rmda_step_(
         batch.params, batch.grads, batch.initials, batch.duals, batch.steps, batch.alphas,
-        list(batch.zero_masks) if prox else [], batch.flat_views, lr_value,
-        float(options.momentum), float(options.lam) if prox else 0.0,
-        lr_tensor=lr_tensor, grad_scale=options.grad_scale, found_inf=options.found_inf,
-    )
+        list(batch.zero_masks) if prox else [], batch.flat_views,
+        *_step_scalars(batch.params[0].device, options))
+
+
+def planned_step(batch: StepBatch, grouping: str, watch, positions: list[int]):
+    """rmda_step_ of ``batch`` as one object (csrc/step_plan.cpp's PlannedStep) that holds
+    its tensors and takes gradient k from ``watch`` at ``positions[k]``: a step then passes
+    no tensor list from Python."""
+    prox = grouping != "none"
+    return torch.classes.rmda_fused.PlannedStep(
+        watch, positions, batch.params, batch.initials, batch.duals, batch.steps,
+        batch.alphas, list(batch.zero_masks) if prox else [],
+        batch.flat_views if prox else [])
+
+
+def run_planned(planned, device: torch.device, options: StepOptions) -> None:
+    planned.step(*_step_scalars(device, options))
+
+
+def _step_scalars(device: torch.device, options: StepOptions) -> tuple:
+    """rmda_step_'s arguments after the tensor lists."""
+    lr_value, lr_tensor = split_lr(options.lr, device)
+    return (lr_value, float(options.momentum), float(options.lam) if options.prox else 0.0,
+            lr_tensor, options.grad_scale, options.found_inf)
 
 
 def rmda_partials_(batch: StepBatch, options: StepOptions, partials: list[torch.Tensor]) -> None:

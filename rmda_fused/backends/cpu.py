@@ -10,7 +10,9 @@ import torch
 
 from . import _cpp_common
 # the module contract of functional.py and of the coupled step (rmda_fused/coupled.py)
-from ._cpp_common import rmda_apply_, rmda_partials_, rmda_step_  # noqa: F401
+from ._cpp_common import (  # noqa: F401
+    planned_step, rmda_apply_, rmda_partials_, rmda_step_, run_planned,
+)
 
 
 def unavailable_reason() -> str | None:
