@@ -159,23 +159,25 @@ class GroupPlan:
             if planned is not None:
                 functional.run_planned(name, device, planned, options)
                 continue
-            grads = grads or self._local_grads()
+            grads = grads or self.local_grads()
             functional.run_route(name, device, template.with_grads([grads[i] for i in positions]),
                                  options)
         if self.coupled is not None:
             options = StepOptions(group["lr"], group["momentum"], group["lam"], "coupled",
                                   grad_scale, found_inf, group["maximize"])
-            self.coupled.run(group, grads or self._local_grads(), options,
+            self.coupled.run(group, grads or self.local_grads(), options,
                              functional.run_coupled_phase)
 
-    def _local_grads(self) -> list[Tensor | None]:
+    def local_grads(self) -> list[Tensor | None]:
+        """:meth:`grads`, a DTensor's as its local shard (what the kernels take)."""
         grads = self.grads()
         return [sharding.local(g) for g in grads] if self.sharded else grads
 
 
 class ListedGrads:
     """The gradient check of a plan in Python, where csrc/step_plan.cpp's ``GradWatch``
-    cannot serve: without the C++ extension, and for DTensor parameters."""
+    cannot serve: without the C++ extension, for DTensor parameters and in steps that
+    torch.compile traces."""
 
     def __init__(self, params: list[Tensor]) -> None:
         self.params = params

@@ -281,10 +281,9 @@ class RMDA(torch.optim.Optimizer):
             if flag is not None:
                 return flag
         sharded = [p for plan in plans for p in plan.sharded]
-        grads = [g for plan in plans for g in plan.grads() if g is not None]
-        if sharded:  # each rank checks its shards only
-            grads = [sharding.local(g) for g in grads]
-        flag = functional.nonfinite_flag(grads)
+        # each rank checks its shards only
+        flag = functional.nonfinite_flag([g for plan in plans for g in plan.local_grads()
+                                          if g is not None])
         return sharding.agree_on_flag(flag, sharded) if sharded else flag
 
     def _check_step_inputs(self, index: int, group: dict[str, Any]) -> None:
